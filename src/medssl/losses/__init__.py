@@ -1,1 +1,5 @@
-"""medssl.losses."""
+"""Losses: pure functions / small modules taking tensors and returning a scalar tensor."""
+
+from medssl.losses.infonce import info_nce
+
+__all__ = ["info_nce"]

@@ -16,3 +16,59 @@ STD = 0.5
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Map a ``[0, 1]`` image batch to the range the encoders are trained on."""
     return (x - MEAN) / STD
+
+
+def _per_sample(values: torch.Tensor | float, images: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or ``(B,)`` tensor of per-sample values against ``(B, C, *spatial)`` images."""
+    v = torch.as_tensor(values, dtype=images.dtype, device=images.device)
+    if v.ndim == 0:
+        return v
+    if v.shape != (images.shape[0],):
+        raise ValueError(f"per-sample values must have shape ({images.shape[0]},), got {tuple(v.shape)}")
+    return v.view(-1, *([1] * (images.ndim - 1)))
+
+
+def adjust_brightness(images: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:
+    """Add a per-sample brightness shift and clamp to ``[0, 1]``.
+
+    Additive (not torchvision's multiplicative brightness): on ``[0, 1]`` medical images a shift moves the
+    whole intensity window, like a different window level.
+
+    Args:
+        images: ``(B, C, *spatial)`` images in ``[0, 1]``.
+        shift: Scalar or ``(B,)`` shifts (``0`` is the identity).
+
+    Returns:
+        ``clamp(images + shift, 0, 1)``.
+    """
+    return (images + _per_sample(shift, images)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Scale each sample about its own mean intensity and clamp to ``[0, 1]``.
+
+    The mean is taken over all channels and spatial positions of the sample, so every channel of an RGB
+    image gets the same map (no colour change).
+
+    Args:
+        images: ``(B, C, *spatial)`` images in ``[0, 1]``.
+        factor: Scalar or ``(B,)`` contrast factors (``1`` is the identity).
+
+    Returns:
+        ``clamp(mean + factor * (images - mean), 0, 1)``.
+    """
+    mean = images.mean(dim=tuple(range(1, images.ndim)), keepdim=True)
+    return (mean + _per_sample(factor, images) * (images - mean)).clamp(0.0, 1.0)
+
+
+def adjust_gamma(images: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """Per-sample gamma curve ``x ** gamma`` on images clamped to ``[0, 1]``.
+
+    Args:
+        images: ``(B, C, *spatial)`` images (clamped to ``[0, 1]`` first).
+        gamma: Scalar or ``(B,)`` positive exponents (``1`` is the identity; ``< 1`` brightens).
+
+    Returns:
+        ``clamp(images, 0, 1) ** gamma``, in ``[0, 1]``.
+    """
+    return images.clamp(0.0, 1.0) ** _per_sample(gamma, images)

@@ -1,0 +1,174 @@
+"""``medssl`` command line: thin wrappers over the library functions in :mod:`medssl.api`.
+
+Every error a user can cause is printed as one line ``medssl: error: ...`` with exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medssl.errors import MedsslError
+
+EXIT_USER_ERROR = 2
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"label fractions must be in (0, 1], got '{text}'")
+    return vals
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return vals
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return v
+
+
+def _data_help() -> str:
+    try:
+        from medssl.data.specs import SPEC_HELP
+
+        return SPEC_HELP
+    except ImportError:  # pragma: no cover
+        return "data spec"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    p = argparse.ArgumentParser(prog="medssl", description="Self-supervised pretraining and low-label evaluation "
+                                "of medical image encoders (2D and 3D).")
+    from medssl import __version__
+
+    p.add_argument("--version", action="version", version=f"medssl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pre = sub.add_parser("pretrain", help="pretrain an encoder with a self-supervised method")
+    pre.add_argument("--method", help="registry name (see `medssl methods`)")
+    pre.add_argument("--data", help=_data_help())
+    pre.add_argument("--out", required=True, help="run directory")
+    pre.add_argument("--backbone", help="timm model name (default resnet18); resnet18_3d etc. for volumes")
+    pre.add_argument("--image-size", type=_positive_int)
+    pre.add_argument("--batch-size", type=_positive_int, help="images per step per device")
+    length = pre.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int)
+    length.add_argument("--max-steps", type=_positive_int)
+    pre.add_argument("--lr", type=float, help="peak learning rate (default: the method's)")
+    pre.add_argument("--seed", type=int)
+    pre.add_argument("--config", help="YAML recipe (path or bundled name)")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set method.queue_size=1024 (repeatable)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pre.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+    pre.add_argument("--devices", type=_positive_int, help="devices (GPUs, or CPU processes); >1 uses DDP")
+    pre.add_argument("--precision", choices=["32", "bf16-mixed"])
+    pre.add_argument("--quiet", action="store_true", help="no progress output")
+
+    ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
+    ev.add_argument("--run", help="run directory of a pretraining run")
+    ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
+    ev.add_argument("--init", action="append", choices=["random"], help="baseline initialisation (repeatable)")
+    ev.add_argument("--data", required=True, help=_data_help())
+    ev.add_argument("--task", help="label task where the dataset has several")
+    ev.add_argument("--protocol", default="linear", choices=["linear", "knn"])
+    ev.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
+    ev.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    ev.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit, both)")
+    ev.add_argument("--backbone", help="backbone of --init random (default: the run's, else resnet18)")
+    ev.add_argument("--image-size", type=_positive_int)
+    ev.add_argument("--batch-size", type=_positive_int, default=256)
+    ev.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+    ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
+
+    sub.add_parser("methods", help="list the registered methods")
+
+    demo = sub.add_parser("demo", help="pretrain mocov2 on phantom2d and compare with random init (minutes on CPU)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--max-steps", type=_positive_int, help="shorten or lengthen the demo's pretraining")
+    return p
+
+
+def _cmd_methods() -> int:
+    from medssl.methods import method_table
+
+    rows = method_table()
+    width = max(len(n) for n, _ in rows)
+    for name, desc in rows:
+        print(f"{name.ljust(width)}  {desc}")
+    return 0
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from medssl.api import pretrain
+
+    run = pretrain(
+        a.method, a.data, a.out, config=a.config, overrides=a.overrides, resume=a.resume, force=a.force,
+        progress=not a.quiet, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
+        epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, seed=a.seed, devices=a.devices, precision=a.precision,
+    )
+    print(f"run written to {run}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from medssl.api import evaluate
+
+    res = evaluate(
+        a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, protocol=a.protocol,
+        label_fractions=a.label_fractions, seeds=a.seeds, task=a.task, encoder=a.encoder, backbone=a.backbone,
+        image_size=a.image_size, batch_size=a.batch_size, device=a.device,
+    )
+    print(res["table"])
+    print(f"results written to {Path(a.out) / 'results.json'} and results.md")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from medssl.demo import run_demo
+
+    run_demo(a.out, max_steps=a.max_steps)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medssl`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    handlers = {"methods": lambda: _cmd_methods(), "pretrain": lambda: _cmd_pretrain(args),
+                "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args)}
+    try:
+        return handlers[args.command]()
+    except MedsslError as e:
+        print(f"medssl: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("medssl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

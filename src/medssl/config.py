@@ -1,0 +1,344 @@
+"""Typed run configuration: dataclasses, YAML recipes and ``--set a.b=c`` overrides.
+
+A run is fully described by a :class:`PretrainConfig`. It is built in three layers, later layers winning:
+the dataclass defaults, a YAML recipe (``--config``), then CLI flags and ``--set key=value`` overrides.
+The resolved config is written to ``config.yaml`` in the run directory, so every run can be repeated.
+
+Unknown keys are errors with a "did you mean" suggestion: a typo in a recipe must never be silently
+ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medssl.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Backbone choice.
+
+    Attributes:
+        backbone: any timm model name (CNN or ViT), e.g. ``resnet18``, ``resnet50``, ``vit_small_patch16_224``.
+        stem: ``default`` keeps timm's stem; ``cifar`` replaces a ResNet stem by a 3x3 stride-1 convolution
+            without max-pool, for small inputs (28-64 px) where the default stem throws away 4x resolution.
+        pretrained: load ImageNet weights through timm (needs network access).
+    """
+
+    backbone: str = "resnet18"
+    stem: str = "default"
+    pretrained: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Dataset and loading.
+
+    Attributes:
+        spec: data spec, e.g. ``phantom2d``, ``npz:/data/pneumoniamnist.npz``, ``folder:/data/pngs``.
+        image_size: side length fed to the model (views are resized to it); ``None`` = dataset's native size.
+        task: the label task where a dataset has several.
+        num_workers: DataLoader worker processes.
+        split: which split pretraining reads (``train`` or ``all``; unlabelled SSL may use every image except test).
+    """
+
+    spec: str = "phantom2d"
+    image_size: int | None = None
+    task: str | None = None
+    num_workers: int = 0
+    split: str = "train"
+
+
+@dataclass
+class ViewsConfig:
+    """Augmentation parameters of the contrastive views (see docs/augmentations.md)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    flip_p: float = 0.5
+    flip_axes: tuple[int, ...] = (-1,)
+    intensity_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    gamma: tuple[float, float] = (0.7, 1.4)
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    noise_std: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    Attributes:
+        name: ``sgd`` or ``adamw``.
+        lr: peak learning rate (after warm-up). ``None`` = the method's default.
+        weight_decay: applied to weights only, never to norms and biases.
+        momentum: SGD momentum.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up length; ``None`` = ``warmup_fraction`` of the run.
+        warmup_fraction: warm-up as a fraction of the total steps when ``warmup_steps`` is None.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        grad_clip: clip the global gradient norm to this value (0 = off).
+    """
+
+    name: str = "sgd"
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, devices, logging and checkpointing.
+
+    Attributes:
+        batch_size: images per optimiser step *per device*.
+        epochs: passes over the data (ignored when ``max_steps`` is set).
+        max_steps: total optimiser steps.
+        seed: seeds data order, augmentations and initialisation.
+        devices: number of devices (``1`` = one CPU process or one GPU; >1 = DDP).
+        accelerator: ``auto``, ``cpu``, ``cuda``, ``mps``.
+        precision: ``32`` or ``bf16-mixed``.
+        num_nodes: nodes for multi-node DDP (torchrun / SLURM provide the rendezvous).
+        log_every_n_steps: how often a row goes into metrics.csv and the progress line.
+        checkpoint_every_n_steps: checkpoint cadence (0 = only at epoch end and at the end of training).
+        drop_last: drop the last incomplete batch of an epoch.
+        deterministic: ask torch for deterministic algorithms (slower; used by resume-equality tests).
+    """
+
+    batch_size: int = 64
+    epochs: int = 100
+    max_steps: int | None = None
+    seed: int = 0
+    devices: int = 1
+    accelerator: str = "auto"
+    precision: str = "32"
+    num_nodes: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 0
+    drop_last: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    """The whole description of a pretraining run (written to ``config.yaml``)."""
+
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "mocov2"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def method_name(self) -> str:
+        """The registry name of the method."""
+        return str(self.method.get("name", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (YAML-safe) representation."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _suggest(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: cannot interpret {value!r} as {tp}")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    return value
+
+
+def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, validating keys and types.
+
+    Raises:
+        ConfigError: on an unknown key (with a suggestion) or a value of the wrong type.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), fields)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def parse_set(items: typing.Iterable[str]) -> dict[str, Any]:
+    """Parse ``a.b=c`` strings into a nested mapping; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set has an empty key in '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe, with clear errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {p}: top level must be a mapping of sections")
+    return data
+
+
+def build_config(*layers: dict[str, Any]) -> PretrainConfig:
+    """Merge mappings (later wins) over the defaults and validate into a :class:`PretrainConfig`.
+
+    The ``method`` section is validated by the method registry (each method owns its hyper-parameters),
+    see :func:`medssl.methods.resolve_method_config`.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    if isinstance(merged.get("method"), str):
+        merged["method"] = {"name": merged["method"]}
+    cfg = build_dataclass(PretrainConfig, merged)
+    from medssl.methods import resolve_method_config
+
+    cfg.method = resolve_method_config(cfg.method)
+    return cfg
+
+
+def save_config(cfg: PretrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    """Read a resolved ``config.yaml`` back."""
+    return build_config(load_yaml(path))

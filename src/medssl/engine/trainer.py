@@ -1,0 +1,318 @@
+"""The training loop on Lightning Fabric: CPU, one GPU, DDP across GPUs and nodes, bf16 autocast.
+
+The trainer is method-agnostic: it builds the data loader, the method, one optimiser + schedule per
+parameter set the method declares, then loops ``loss = method(batch).loss; backward; step;
+method.after_optimizer_step``. It owns the run directory (``config.yaml``, ``metrics.csv``,
+``checkpoints/last.ckpt``, exported encoders) and resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medssl.config import PretrainConfig, save_config
+from medssl.engine import checkpoint as ckpt_utils
+from medssl.engine.logging import MetricsCSV, Progress
+from medssl.engine.optim import build_optimizer, build_scheduler
+from medssl.engine.sampler import ResumableBatchSampler
+from medssl.errors import CheckpointError, ConfigError, MedsslError
+from medssl.methods import DataInfo, Method, get_method
+
+log = logging.getLogger("medssl")
+
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+SPLIT_CHOICES = ("train", "train+val", "all")
+#: Consecutive non-finite losses after which training stops (the last good checkpoint stays intact).
+MAX_BAD_STEPS = 10
+
+
+@dataclass
+class RunPaths:
+    """Where a run directory keeps its files."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.fabric", "lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Seed set to.*")
+
+
+def _make_fabric(cfg: PretrainConfig) -> Any:
+    from lightning.fabric import Fabric
+
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got '{t.precision}'")
+    precision = "32-true" if t.precision in ("32", "32-true") else t.precision
+    accelerator = t.accelerator
+    if precision == "bf16-mixed" and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
+        log.warning("bf16-mixed on CPU: autocast runs, but expect no speed-up")
+    strategy = "ddp" if (t.devices > 1 or t.num_nodes > 1) else "auto"
+    try:
+        return Fabric(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision)
+    except (ValueError, RuntimeError, MisconfigurationErrorType()) as e:
+        raise ConfigError(f"cannot set up devices={t.devices} accelerator={accelerator} precision={t.precision}: {e}") from None
+
+
+def MisconfigurationErrorType() -> type[Exception]:  # noqa: N802 - returns an exception class
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        return MisconfigurationException
+    except ImportError:  # pragma: no cover
+        return ValueError
+
+
+def pretrain_indices(dataset: Any, split: str) -> np.ndarray:
+    """Indices pretraining may read: ``train`` (default), ``train+val`` or ``all`` (test included)."""
+    if split not in SPLIT_CHOICES:
+        raise ConfigError(f"data.split must be one of {SPLIT_CHOICES}, got '{split}'")
+    if split == "all":
+        return np.arange(len(dataset))
+    parts = ["train"] if split == "train" else ["train", "val"]
+    return np.concatenate([dataset.indices(p) for p in parts]).astype(np.int64)
+
+
+def _lr_for(cfg: PretrainConfig, method_cls: type[Method]) -> float:
+    return cfg.optim.lr if cfg.optim.lr is not None else method_cls.default_lr
+
+
+def _collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack what pretraining needs (images, and high-res copies where present); labels are not read."""
+    out = {"image": torch.stack([it["image"] for it in items])}
+    if "image_highres" in items[0]:
+        out["image_highres"] = torch.stack([it["image_highres"] for it in items])
+    out["index"] = torch.tensor([int(it["index"]) for it in items])
+    return out
+
+
+def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], force: bool) -> None:
+    """A resumed run must keep the settings that define it; length and devices may change."""
+    allowed = {("train", "epochs"), ("train", "max_steps"), ("train", "devices"), ("train", "num_nodes"),
+               ("train", "log_every_n_steps"), ("train", "checkpoint_every_n_steps"), ("data", "num_workers"),
+               ("train", "accelerator")}
+    diffs = []
+    for section, values in current.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key)
+            if (section, key) not in allowed and old != value:
+                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
+    if diffs and not force:
+        raise ConfigError("--resume with a changed config (" + "; ".join(diffs) + "); pass --force to accept")
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
+             progress: bool = True) -> Path:
+    """Run self-supervised pretraining described by ``cfg`` into ``out_dir``.
+
+    Args:
+        cfg: the resolved configuration.
+        out_dir: run directory (created).
+        resume: continue from ``out_dir/checkpoints/last.ckpt`` at the saved step, with the same data order
+            and RNG states.
+        force: accept a changed config on resume.
+        progress: show progress (bar on a TTY, plain lines otherwise).
+
+    Returns:
+        The run directory.
+    """
+    from medssl.data import open_dataset
+
+    _quiet_lightning()
+    paths = RunPaths(Path(out_dir))
+    method_cls = get_method(cfg.method_name)
+    start_ckpt: dict[str, Any] | None = None
+    if resume:
+        if not paths.last.is_file():
+            raise CheckpointError(f"--resume: {paths.last} does not exist (nothing to resume in {paths.root})")
+        start_ckpt = ckpt_utils.load_checkpoint(paths.last)
+        _check_resume_config(start_ckpt.get("config", {}), cfg.to_dict(), force)
+    elif paths.last.is_file():
+        raise ConfigError(f"{paths.root} already holds a run (checkpoints/last.ckpt); use --resume or another --out")
+
+    fabric = _make_fabric(cfg)
+    fabric.launch()
+    t = cfg.train
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Each rank gets its own augmentation stream; data order comes from the sampler's own seed.
+    fabric.seed_everything(t.seed + fabric.global_rank, verbose=False)
+
+    dataset = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task, seed=t.seed)
+    if cfg.data.image_size is None:
+        cfg.data.image_size = int(dataset.image_size)
+    indices = pretrain_indices(dataset, cfg.data.split)
+    global_batch = t.batch_size * fabric.world_size
+    if len(indices) < global_batch and t.drop_last:
+        raise ConfigError(
+            f"data {cfg.data.spec}: {len(indices)} training images, fewer than one batch of {global_batch}; "
+            "lower --batch-size"
+        )
+    sampler = ResumableBatchSampler(indices, t.batch_size, seed=t.seed, rank=fabric.global_rank,
+                                    world_size=fabric.world_size, drop_last=t.drop_last)
+    steps_per_epoch = sampler.batches_per_epoch()
+    total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+    if total_steps <= 0:
+        raise ConfigError("nothing to train: max_steps / epochs give 0 steps")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=_collate_images,
+        pin_memory=fabric.device.type == "cuda", persistent_workers=False,
+        generator=torch.Generator(),  # keeps the global RNG untouched by iterator creation (resume equality)
+    )
+
+    info = DataInfo(in_chans=dataset.in_chans, spatial_dims=dataset.spatial_dims,
+                    image_size=int(cfg.data.image_size), num_samples=len(indices))
+    with fabric.init_module():
+        method = method_cls(cfg, info)
+    lr = _lr_for(cfg, method_cls)
+    cfg.optim.lr = lr
+    sets = method.parameter_sets()
+    optimizers = {name: build_optimizer(params, cfg.optim, lr) for name, params in sets.items()}
+    schedulers = {name: build_scheduler(opt, cfg.optim, total_steps) for name, opt in optimizers.items()}
+    model = fabric.setup_module(method)
+    fab_opts = fabric.setup_optimizers(*optimizers.values())
+    if len(optimizers) == 1:
+        fab_opts = (fab_opts,)
+    fab_opts = dict(zip(optimizers, fab_opts, strict=True))
+
+    step = 0
+    if start_ckpt is not None:
+        method.load_state_dict(start_ckpt["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(start_ckpt["optimizers"][name])
+            schedulers[name].load_state_dict(start_ckpt["schedulers"][name])
+        step = int(start_ckpt["step"])
+        rng = start_ckpt.get("rng", [])
+        if fabric.global_rank < len(rng):
+            ckpt_utils.set_rng_state(rng[fabric.global_rank])
+
+    if fabric.is_global_zero:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        paths.checkpoints.mkdir(exist_ok=True)
+        save_config(cfg, paths.config)
+    fabric.barrier()
+    metrics = MetricsCSV(paths.metrics, resume_step=step if resume else None) if fabric.is_global_zero else None
+    bar = Progress(total_steps, start_step=step, enabled=progress and fabric.is_global_zero)
+
+    def save_checkpoint() -> None:
+        rngs = fabric.all_gather_object(ckpt_utils.rng_state()) if fabric.world_size > 1 else [ckpt_utils.rng_state()]
+        if fabric.is_global_zero:
+            ckpt_utils.atomic_save(
+                {
+                    "step": step,
+                    "epoch": step // steps_per_epoch,
+                    "model": method.state_dict(),
+                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                    "rng": rngs,
+                    "config": cfg.to_dict(),
+                },
+                paths.last,
+            )
+        fabric.barrier()
+
+    model.train()
+    loss_sum = torch.zeros((), device=fabric.device)
+    loss_count = 0
+    logs_acc: dict[str, float] = {}
+    bad_steps = 0
+    t_last = time.perf_counter()
+    step_last = step
+    last_log_step = step
+    try:
+        while step < total_steps:
+            epoch, start_batch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start_batch)
+            for batch in loader:
+                batch = {k: v.to(fabric.device, non_blocking=True) for k, v in batch.items()}
+                out = model(batch)
+                loss = out.loss
+                if not torch.isfinite(loss.detach()):
+                    bad_steps += 1
+                    for opt in fab_opts.values():
+                        opt.zero_grad(set_to_none=True)
+                    log.warning("step %d: non-finite loss (%s), step skipped", step, float(loss.detach()))
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise MedsslError(
+                            f"{bad_steps} consecutive non-finite losses at step {step}; stopped. "
+                            f"The last good checkpoint is {paths.last}. Lower the learning rate or check the data."
+                        )
+                    continue
+                bad_steps = 0
+                fabric.backward(loss)
+                if cfg.optim.grad_clip > 0:
+                    for opt in fab_opts.values():
+                        fabric.clip_gradients(model, opt, max_norm=cfg.optim.grad_clip)
+                for name, opt in fab_opts.items():
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    schedulers[name].step()
+                method.after_optimizer_step(step, total_steps)
+                step += 1
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                for k, v in out.logs.items():
+                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v)
+                is_log = step % t.log_every_n_steps == 0 or step == total_steps
+                if is_log:
+                    mean_loss = float(fabric.all_reduce(loss_sum / max(loss_count, 1), reduce_op="mean"))
+                    now = time.perf_counter()
+                    ips = (step - step_last) * global_batch / max(now - t_last, 1e-9)
+                    lr_now = next(iter(optimizers.values())).param_groups[0]["lr"]
+                    if metrics is not None:
+                        row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_now, "images_per_s": ips}
+                        row.update({k: v / max(loss_count, 1) for k, v in logs_acc.items()})
+                        metrics.log(row)
+                    bar.update(step, epoch, mean_loss, lr_now, ips)
+                    if not math.isfinite(mean_loss):
+                        log.warning("non-finite mean loss at step %d", step)
+                    loss_sum.zero_()
+                    loss_count = 0
+                    logs_acc = {}
+                    t_last, step_last, last_log_step = now, step, step
+                every = t.checkpoint_every_n_steps
+                if (every and step % every == 0) or step % steps_per_epoch == 0:
+                    save_checkpoint()
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
+    save_checkpoint()
+    if fabric.is_global_zero:
+        from medssl.export import export_encoders
+
+        export_encoders(method, paths.root)
+    fabric.barrier()
+    return paths.root

@@ -1,0 +1,389 @@
+"""Low-label evaluation protocol: label fractions x seeds for every downstream protocol.
+
+For each label fraction (e.g. 1 %, 10 %, 100 %) and seed, a stratified subset of the training split is drawn
+with :func:`medssl.data.splits.stratified_fraction` (at least ``min_per_class`` samples per class), a
+protocol (linear probe, kNN, ...) is fit on that subset and scored on the full test split. The validation
+split, used only to choose hyper-parameters, is subsampled with the same fraction and seed by default: a
+1 % setting that tuned on a fully labelled validation set would not be a 1 % setting.
+
+Protocols live in the :data:`PROTOCOLS` registry. A protocol is a callable
+``fn(data, train_subset, seed, *, val_subset, **options) -> ProtocolOutput`` where ``data`` is the
+:class:`FeatureSet` (or, for protocols added later such as fine-tuning or segmentation, any object exposing
+``train_y`` for stratification, ``val_y`` and ``multilabel``), ``train_subset`` indexes the training split,
+and ``val_subset`` indexes the validation split (``None`` without one). Register new ones with
+:func:`register_protocol`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medssl.data.splits import stratified_fraction
+from medssl.errors import ConfigError, DataError
+from medssl.eval.features import extract_features
+from medssl.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_predict
+from medssl.eval.linear import check_features, check_labels, fit_linear_probe
+from medssl.eval.metrics import classification_metrics_with_notes
+
+
+@dataclass
+class FeatureSet:
+    """Frozen features and labels of the train / (val) / test splits of one encoder.
+
+    Attributes:
+        train_x: ``(n_train, D)`` training features.
+        train_y: ``(n_train,)`` class ids or ``(n_train, K)`` 0/1 labels.
+        test_x: ``(n_test, D)`` test features.
+        test_y: Test labels, same layout as ``train_y``.
+        val_x: Optional ``(n_val, D)`` validation features (hyper-parameter choice only).
+        val_y: Validation labels.
+        multilabel: Multi-label task.
+        num_classes: Number of classes (multi-class / binary: 2) or labels.
+        class_names: Optional class names used in notes.
+
+    Raises:
+        DataError: Inconsistent shapes or labels (checked on construction).
+        ConfigError: Only one of ``val_x`` / ``val_y`` given.
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+    multilabel: bool = False
+    num_classes: int = 2
+    class_names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.val_x is None) != (self.val_y is None):
+            raise ConfigError("FeatureSet: pass both val_x and val_y, or neither")
+        if self.num_classes < (1 if self.multilabel else 2):
+            raise ConfigError(
+                f"FeatureSet: num_classes must be >= 2 (>= 1 if multilabel), got {self.num_classes}"
+            )
+        dim = check_features("train_x", self.train_x, dtype=None).shape[1]
+        check_labels("train_y", self.train_y, len(self.train_x), self.num_classes, self.multilabel)
+        check_features("test_x", self.test_x, dim, dtype=None)
+        check_labels("test_y", self.test_y, len(self.test_x), self.num_classes, self.multilabel)
+        if self.val_x is not None and self.val_y is not None:
+            check_features("val_x", self.val_x, dim, dtype=None)
+            check_labels("val_y", self.val_y, len(self.val_x), self.num_classes, self.multilabel)
+
+
+@dataclass
+class ProtocolOutput:
+    """What one protocol run (one fraction, one seed) reports.
+
+    Attributes:
+        metrics: Metric name -> value (``NaN`` allowed).
+        notes: Human-readable caveats (missing classes, undefined metrics, ...).
+        params: Hyper-parameters chosen or used (e.g. ``C`` of the linear probe, ``k`` of kNN).
+    """
+
+    metrics: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+ProtocolFn = Callable[..., ProtocolOutput]
+"""``fn(data, train_subset, seed, *, val_subset, **options) -> ProtocolOutput``."""
+
+PROTOCOLS: dict[str, ProtocolFn] = {}
+"""Registry of evaluation protocols by name."""
+
+
+def register_protocol(name: str) -> Callable[[ProtocolFn], ProtocolFn]:
+    """Decorator registering a protocol callable under ``name`` in :data:`PROTOCOLS`.
+
+    Args:
+        name: Protocol name used by :func:`run_protocol` and the CLI.
+
+    Returns:
+        The decorator, which returns the callable unchanged.
+
+    Raises:
+        ConfigError: ``name`` is already registered.
+    """
+
+    def decorator(fn: ProtocolFn) -> ProtocolFn:
+        if name in PROTOCOLS:
+            raise ConfigError(f"evaluation protocol {name!r} is already registered")
+        PROTOCOLS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _val(data: FeatureSet, val_subset: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if data.val_x is None or data.val_y is None or val_subset is None:
+        return None, None
+    return np.asarray(data.val_x)[val_subset], np.asarray(data.val_y)[val_subset]
+
+
+def _score(data: FeatureSet, probs: np.ndarray, notes: list[str], params: dict[str, Any]) -> ProtocolOutput:
+    metrics, metric_notes = classification_metrics_with_notes(
+        data.test_y, probs, data.multilabel, class_names=data.class_names
+    )
+    return ProtocolOutput(metrics, notes + metric_notes, params)
+
+
+@register_protocol("linear")
+def linear_protocol(
+    data: FeatureSet,
+    train_subset: np.ndarray,
+    seed: int,
+    *,
+    val_subset: np.ndarray | None = None,
+    **options: Any,
+) -> ProtocolOutput:
+    """Linear probe (:func:`medssl.eval.linear.fit_linear_probe`) on a training subset.
+
+    Args:
+        data: Features and labels.
+        train_subset: Indices into the training split.
+        seed: Solver seed.
+        val_subset: Indices into the validation split used to choose ``C`` (``None``: default ``C``).
+        **options: ``c_grid``, ``default_c``, ``max_iter``.
+
+    Returns:
+        Test metrics, notes and the chosen ``C`` with the number of validation labels used (``n_val``).
+    """
+    val_x, val_y = _val(data, val_subset)
+    result = fit_linear_probe(
+        np.asarray(data.train_x)[train_subset],
+        np.asarray(data.train_y)[train_subset],
+        data.test_x,
+        multilabel=data.multilabel,
+        num_classes=data.num_classes,
+        seed=seed,
+        val_x=val_x,
+        val_y=val_y,
+        class_names=data.class_names,
+        **options,
+    )
+    params = {**result.params, "n_val": 0 if val_x is None else len(val_x)}
+    return _score(data, result.probs, result.notes, params)
+
+
+@register_protocol("knn")
+def knn_protocol(
+    data: FeatureSet,
+    train_subset: np.ndarray,
+    seed: int,
+    *,
+    val_subset: np.ndarray | None = None,
+    **options: Any,
+) -> ProtocolOutput:
+    """Weighted kNN (:func:`medssl.eval.knn.knn_predict`) with the training subset as memory bank.
+
+    kNN is deterministic, so ``seed`` only matters through the subset; ``val_subset`` is unused (``k`` and
+    ``T`` are fixed, not tuned).
+
+    Args:
+        data: Features and labels.
+        train_subset: Indices into the training split.
+        seed: Unused.
+        val_subset: Unused.
+        **options: ``k``, ``temperature``, ``chunk_size``, ``device``.
+
+    Returns:
+        Test metrics, notes and the ``k`` / ``T`` used.
+    """
+    del seed, val_subset
+    train_y = np.asarray(data.train_y)[train_subset]
+    probs = knn_predict(
+        np.asarray(data.train_x)[train_subset],
+        train_y,
+        data.test_x,
+        num_classes=data.num_classes,
+        multilabel=data.multilabel,
+        **options,
+    )
+    k = int(options.get("k", DEFAULT_K))
+    notes = []
+    if k > len(train_subset):
+        notes.append(
+            f"knn: k={k} exceeds the {len(train_subset)} training samples; k={len(train_subset)} used"
+        )
+    params = {
+        "k": min(k, len(train_subset)),
+        "temperature": float(options.get("temperature", DEFAULT_TEMPERATURE)),
+    }
+    return _score(data, probs, notes, params)
+
+
+def _check_options(name: str, fn: ProtocolFn, options: dict[str, Any]) -> None:
+    """Reject options the protocol (or the function it forwards ``**options`` to) does not accept."""
+    forwards = {"linear": fit_linear_probe, "knn": knn_predict}
+    fixed = {
+        "train_x",
+        "train_y",
+        "test_x",
+        "multilabel",
+        "num_classes",
+        "seed",
+        "val_x",
+        "val_y",
+        "class_names",
+    }
+    target = forwards.get(name)
+    if target is not None:
+        accepted = set(inspect.signature(target).parameters) - fixed
+    else:
+        params = inspect.signature(fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        accepted = set(params) - {"data", "train_subset", "seed", "val_subset"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown} for evaluation protocol {name!r}; accepted: {sorted(accepted)}"
+        )
+
+
+def run_protocol(
+    features: FeatureSet,
+    protocol: str,
+    label_fractions: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    encoder_name: str | None = None,
+    min_per_class: int = 1,
+    subsample_val: bool = True,
+    **protocol_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Run one protocol for every label fraction x seed.
+
+    Args:
+        features: Frozen features of train / (val) / test.
+        protocol: A name in :data:`PROTOCOLS` (built in: ``"linear"``, ``"knn"``).
+        label_fractions: Fractions of the training labels, each in ``(0, 1]``.
+        seeds: Seeds; each draws its own stratified subset and seeds the protocol.
+        encoder_name: If given, stored as ``"encoder"`` in every row (so tables compare encoders).
+        min_per_class: Minimum training samples per class in every subset.
+        subsample_val: Draw the validation labels with the same fraction and seed (default); ``False``
+            uses the whole validation split for hyper-parameter choice at every fraction.
+        **protocol_kwargs: Options of the protocol, e.g. ``k=20, temperature=0.07`` for kNN or
+            ``c_grid=(...)`` for the linear probe.
+
+    Returns:
+        One row per (fraction, seed), in that order:
+        ``{"encoder" (if given), "protocol", "label_fraction", "seed", "n_train", "metrics", "notes",
+        "params"}``; ``params`` holds the protocol's hyper-parameters (linear: chosen ``C`` and ``n_val``,
+        the number of validation labels it was chosen on; kNN: ``k`` and ``temperature``).
+
+    Raises:
+        ConfigError: Unknown protocol or option, fractions outside ``(0, 1]``, no or duplicate seeds.
+        DataError: Malformed features (checked when the :class:`FeatureSet` was built).
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown evaluation protocol {protocol!r}; available: {sorted(PROTOCOLS)}")
+    fn = PROTOCOLS[protocol]
+    fractions = [float(f) for f in label_fractions]
+    if not fractions:
+        raise ConfigError("label_fractions is empty")
+    bad = [f for f in fractions if not (math.isfinite(f) and 0.0 < f <= 1.0)]
+    if bad:
+        raise ConfigError(f"label fractions must lie in (0, 1] (e.g. 0.01 for 1 %), got {bad}")
+    seed_list = [int(s) for s in seeds]
+    if not seed_list:
+        raise ConfigError("seeds is empty")
+    if len(set(seed_list)) != len(seed_list):
+        raise ConfigError(f"seeds must be distinct, got {seed_list}")
+    if min_per_class < 0:
+        raise ConfigError(f"min_per_class must be >= 0, got {min_per_class}")
+    _check_options(protocol, fn, protocol_kwargs)
+
+    train_y = np.asarray(features.train_y)
+    val_y = None if features.val_y is None else np.asarray(features.val_y)
+    rows: list[dict[str, Any]] = []
+    for fraction in fractions:
+        for seed in seed_list:
+            train_subset = np.asarray(
+                stratified_fraction(train_y, fraction, seed, min_per_class), dtype=np.int64
+            )
+            val_subset = None
+            if val_y is not None:
+                val_subset = (
+                    np.asarray(stratified_fraction(val_y, fraction, seed, min_per_class), dtype=np.int64)
+                    if subsample_val
+                    else np.arange(len(val_y))
+                )
+            out = fn(features, train_subset, seed, val_subset=val_subset, **protocol_kwargs)
+            row: dict[str, Any] = {} if encoder_name is None else {"encoder": encoder_name}
+            row.update(
+                protocol=protocol,
+                label_fraction=fraction,
+                seed=seed,
+                n_train=int(train_subset.size),
+                metrics={k: float(v) for k, v in out.metrics.items()},
+                notes=list(out.notes),
+                params=dict(out.params),
+            )
+            rows.append(row)
+    return rows
+
+
+def features_from_dataset(
+    encoder: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> FeatureSet:
+    """Extract a :class:`FeatureSet` from a medssl dataset's train / val / test splits.
+
+    Args:
+        encoder: Frozen encoder (see :func:`medssl.eval.features.extract_features`).
+        dataset: A dataset with ``labels``, ``multilabel``, ``num_classes``, ``class_names`` and
+            ``indices(split)``.
+        batch_size: Images per forward pass.
+        device: Where the encoder runs.
+        num_workers: DataLoader workers.
+
+    Returns:
+        Features and labels; ``val_x`` / ``val_y`` are ``None`` when the validation split is empty.
+
+    Raises:
+        DataError: The dataset has no labels or an empty train or test split.
+    """
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise DataError("the evaluation dataset has no labels; evaluation needs a labelled dataset")
+    labels = np.asarray(labels)
+    split_idx: dict[str, np.ndarray] = {}
+    for split in ("train", "val", "test"):
+        split_idx[split] = np.asarray(dataset.indices(split), dtype=np.int64)  # type: ignore[attr-defined]
+    for split in ("train", "test"):
+        if split_idx[split].size == 0:
+            raise DataError(f"the evaluation dataset has an empty {split!r} split")
+
+    def embed(split: str) -> np.ndarray:
+        return extract_features(
+            encoder, dataset, split_idx[split], batch_size=batch_size, device=device, num_workers=num_workers
+        )
+
+    has_val = split_idx["val"].size > 0
+    class_names = getattr(dataset, "class_names", None)
+    return FeatureSet(
+        train_x=embed("train"),
+        train_y=labels[split_idx["train"]],
+        test_x=embed("test"),
+        test_y=labels[split_idx["test"]],
+        val_x=embed("val") if has_val else None,
+        val_y=labels[split_idx["val"]] if has_val else None,
+        multilabel=bool(getattr(dataset, "multilabel", False)),
+        num_classes=int(dataset.num_classes),  # type: ignore[attr-defined]
+        class_names=list(class_names) if class_names is not None else None,
+    )

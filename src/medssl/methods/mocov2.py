@@ -1,0 +1,176 @@
+"""MoCo v2: momentum contrast with an MLP head and strong augmentation.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020;
+Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003.04297.
+
+A query encoder (backbone + MLP head d→d→128) is trained with InfoNCE against keys from a momentum (EMA)
+copy of itself; negatives come from a queue of past keys. The loss is symmetrised over the two views.
+Keys are gathered across ranks before they are enqueued, so every rank holds the same queue, and the
+key encoder's BatchNorm sees a batch shuffled across ranks (shuffle-BN) under DDP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.engine import distributed as dist_utils
+from medssl.losses import info_nce
+from medssl.methods import register
+from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec
+from medssl.nn.backbones import build_backbone, feature_dim
+from medssl.nn.ema import ema_update, make_ema_copy
+from medssl.nn.heads import projection_mlp
+from medssl.transforms.intensity import normalize
+from medssl.transforms.views import ViewConfig, ViewSampler
+
+
+@dataclass
+class MoCoV2Config(MethodConfig):
+    """MoCo v2 hyper-parameters.
+
+    Attributes:
+        queue_size: negatives kept (65 536 in the paper for ImageNet). It must not exceed the number of
+            training images, or the queue holds stale copies of the current images as negatives; medssl
+            caps it at the dataset size and says so.
+        momentum: EMA coefficient of the key encoder (0.999 in the paper; 0.99 suits small data).
+        temperature: τ of InfoNCE (0.2 in MoCo v2).
+        proj_dim: embedding width (128).
+        proj_hidden: hidden width of the MLP head (``0`` = the backbone feature width, as in the paper).
+        symmetric: symmetrise the loss over the two views.
+        shuffle_bn: shuffle the key batch across ranks under DDP (no effect in one process).
+    """
+
+    queue_size: int = 4096
+    momentum: float = 0.99
+    temperature: float = 0.2
+    proj_dim: int = 128
+    proj_hidden: int = 0
+    symmetric: bool = True
+    shuffle_bn: bool = True
+
+
+def _view_config(views: Any) -> ViewConfig:
+    return ViewConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(views).items()})
+
+
+@register
+class MoCoV2(Method):
+    """MoCo v2 (the baseline Med-MoCo builds on)."""
+
+    name = "mocov2"
+    description = "MoCo v2: momentum encoder + queue of negatives, InfoNCE (He et al. 2020; Chen et al. 2020)"
+    config_cls = MoCoV2Config
+    default_lr = 0.06
+    default_optimizer = "sgd"
+    paper = "Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv 2003.04297"
+    view_spec = ViewSpec(num_views=2)
+
+    def __init__(self, cfg: Any, data: DataInfo) -> None:
+        super().__init__()
+        m = MoCoV2Config(**cfg.method)
+        self.hparams = m
+        self.backbone = build_backbone(
+            cfg.model.backbone,
+            in_chans=data.in_chans,
+            image_size=data.image_size,
+            stem=cfg.model.stem,
+            pretrained=cfg.model.pretrained,
+            spatial_dims=data.spatial_dims,
+        )
+        self.backbone_name = cfg.model.backbone
+        self.stem = cfg.model.stem
+        self.in_chans = data.in_chans
+        self.image_size = data.image_size
+        self.spatial_dims = data.spatial_dims
+        d = feature_dim(self.backbone)
+        self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
+        self.key_backbone = make_ema_copy(self.backbone)
+        self.key_projector = make_ema_copy(self.projector)
+        self.queue_size = min(m.queue_size, max(data.num_samples, 1))
+        self.register_buffer("queue", F.normalize(torch.randn(self.queue_size, m.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.views = ViewSampler(_view_config(cfg.views), data.image_size, data.spatial_dims)
+        self._pending_keys: torch.Tensor | None = None
+
+    # -- encoders -----------------------------------------------------------------------------------
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Query embedding of a normalised view."""
+        return self.projector(self.backbone(x))
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised key embedding from the momentum encoder (shuffle-BN under DDP)."""
+        if self.hparams.shuffle_bn:
+            x, unshuffle = dist_utils.batch_shuffle(x)
+        else:
+            unshuffle = None
+        k = self.key_projector(self.key_backbone(x))
+        k = F.normalize(k.float(), dim=1)
+        return dist_utils.batch_unshuffle(k, unshuffle)
+
+    # -- step -----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> StepOutput:
+        images = batch["image"]
+        v1 = normalize(self.views(images).images)
+        v2 = normalize(self.views(images).images)
+        m = self.hparams
+        queue = self.queue.clone().detach()
+        if m.symmetric:
+            q = self.query(torch.cat([v1, v2]))
+            k = self.key(torch.cat([v2, v1]))
+            loss = info_nce(q, k, temperature=m.temperature, queue=queue)
+            keys = k[: images.shape[0]]
+        else:
+            q = self.query(v1)
+            k = self.key(v2)
+            loss = info_nce(q, k, temperature=m.temperature, queue=queue)
+            keys = k
+        self._pending_keys = keys.detach()
+        with torch.no_grad():
+            qn = F.normalize(q.detach().float(), dim=1)
+            logs = {
+                "pos_sim": float((qn * k).sum(1).mean()),
+                "embedding_std": float(qn.std(dim=0).mean() * qn.shape[1] ** 0.5),
+            }
+        return StepOutput(loss=loss, logs=logs)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the key encoder, then enqueue this step's keys (gathered from all ranks)."""
+        ema_update(self.key_backbone, self.backbone, self.hparams.momentum)
+        ema_update(self.key_projector, self.projector, self.hparams.momentum)
+        if self._pending_keys is not None:
+            self.enqueue(dist_utils.gather(self._pending_keys, with_grad=False))
+            self._pending_keys = None
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest queue entries by ``keys`` (FIFO, wrapping around)."""
+        keys = keys.to(self.queue.dtype)
+        n = keys.shape[0]
+        if n >= self.queue_size:
+            self.queue.copy_(keys[-self.queue_size :])
+            self.queue_ptr.zero_()
+            return
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % self.queue_size
+        self.queue[idx] = keys
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone}
+
+    def export_meta(self) -> dict[str, dict[str, str]]:
+        return {
+            "backbone": {
+                "model_name": self.backbone_name,
+                "in_chans": str(self.in_chans),
+                "image_size": str(self.image_size),
+                "stem": self.stem,
+                "spatial_dims": str(self.spatial_dims),
+            }
+        }

@@ -1,0 +1,126 @@
+"""Backbones: any timm model by name, built for the data's channels and size.
+
+The backbone is a plain timm model created with ``num_classes=0`` (pooled features out), so its
+``state_dict`` is in timm's key layout and loads into ``timm.create_model(name, num_classes=0,
+in_chans=C)`` without key surgery. The one structural option is the CIFAR-style stem for small inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from medssl.errors import ConfigError
+from medssl.transforms.intensity import normalize
+
+STEMS = ("default", "cifar")
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """Replace a timm ResNet stem (7x7 stride-2 conv + max-pool) by a 3x3 stride-1 conv, no pool.
+
+    For 28-64 px inputs (MedMNIST, patches) the default stem reduces the image 4x before the first block
+    and throws away the detail the task depends on (He et al. 2016, CIFAR variant). To rebuild such an
+    exported encoder in plain timm::
+
+        m = timm.create_model(name, num_classes=0, in_chans=C)
+        m.conv1 = torch.nn.Conv2d(C, m.conv1.out_channels, 3, 1, 1, bias=False)
+        m.maxpool = torch.nn.Identity()
+        m.load_state_dict(safetensors.torch.load_file("encoder.safetensors"))
+
+    Raises:
+        ConfigError: when the model has no ResNet-style ``conv1`` / ``maxpool`` stem.
+    """
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError(
+            f"stem=cifar needs a ResNet-style backbone with a single conv1 + maxpool stem "
+            f"(e.g. resnet18, resnet50); {type(model).__name__} has none"
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def is_vit(name: str) -> bool:
+    """Whether a timm model name is a transformer that takes an ``img_size`` argument."""
+    return any(t in name for t in ("vit", "deit", "eva", "beit", "swin", "cait", "xcit"))
+
+
+def build_backbone(
+    name: str,
+    *,
+    in_chans: int,
+    image_size: int | None = None,
+    stem: str = "default",
+    pretrained: bool = False,
+    spatial_dims: int = 2,
+) -> nn.Module:
+    """Create a timm backbone that returns pooled features ``(B, num_features)``.
+
+    Args:
+        name: timm model name.
+        in_chans: input channels of the data (1 for grayscale).
+        image_size: input side length; needed by ViTs for their position embeddings.
+        stem: ``default`` or ``cifar`` (see :func:`apply_cifar_stem`).
+        pretrained: load ImageNet weights (needs network access; fails with a clear message offline).
+        spatial_dims: 2 or 3; 3D backbones come from :mod:`medssl.nn.backbones3d`.
+
+    Raises:
+        ConfigError: unknown name, unsupported stem, or weights that cannot be downloaded.
+    """
+    if spatial_dims == 3:
+        from medssl.nn.backbones3d import build_backbone_3d
+
+        return build_backbone_3d(name, in_chans=in_chans, stem=stem)
+    if stem not in STEMS:
+        raise ConfigError(f"model.stem must be one of {STEMS}, got '{stem}'")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"unknown backbone '{name}': not a timm model name{hint}")
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_chans}
+    if image_size is not None and is_vit(name):
+        kwargs["img_size"] = image_size
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # network errors come in many types (OSError, HF hub errors, URLError)
+        if pretrained:
+            raise ConfigError(
+                f"could not load ImageNet weights for '{name}' through timm ({type(e).__name__}: {e}). "
+                "Without network access, use model.pretrained=false or place the weights in the HF cache."
+            ) from None
+        raise ConfigError(f"could not build backbone '{name}': {e}") from None
+    if stem == "cifar":
+        apply_cifar_stem(model)
+    return model
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of the pooled features a backbone returns."""
+    n = getattr(backbone, "num_features", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    raise ConfigError(f"cannot tell the feature width of {type(backbone).__name__}")
+
+
+class Encoder(nn.Module):
+    """What evaluation and users call: ``[0, 1]`` images in, pooled features out.
+
+    Wraps a backbone with the intensity normalisation it was trained with, so callers never have to
+    remember it.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    @property
+    def num_features(self) -> int:
+        return feature_dim(self.backbone)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(normalize(images))
