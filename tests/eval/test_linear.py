@@ -76,10 +76,10 @@ def test_c_selected_on_validation_and_scaler_fit_on_train_only() -> None:
     assert res.params["C"] in DEFAULT_C_GRID
     aucs = res.params["val_auc_macro"]
     assert set(aucs) == {f"{c:g}" for c in DEFAULT_C_GRID}
-    # The chosen C is the first one reaching the best validation AUC.
+    # The chosen C reaches the best validation AUC; among ties, the one closest to the default in log scale.
     best = max(aucs.values())
-    first_best = min(float(c) for c, a in aucs.items() if a == best)
-    assert res.params["C"] == first_best
+    tied = [float(c) for c, a in aucs.items() if a == best]
+    assert res.params["C"] == min(tied, key=lambda c: (abs(np.log(c / DEFAULT_C)), c))
     # Same C without validation data -> default C.
     res_default = fit_linear_probe(x, y, x[:5], num_classes=2)
     assert res_default.params == {"C": DEFAULT_C, "c_selection": "default"}
@@ -87,6 +87,14 @@ def test_c_selected_on_validation_and_scaler_fit_on_train_only() -> None:
     res_one = fit_linear_probe(x, y, x[:5], num_classes=2, val_x=vx[:3], val_y=np.zeros(3, dtype=int))
     assert res_one.params["c_selection"] == "default"
     assert any("single class" in note for note in res_one.notes)
+
+
+def test_validation_ties_prefer_default_c() -> None:
+    # A perfectly separable validation pair gives AUC 1 for every C: the default C must win the tie.
+    x, y = _blobs(20, 2, 4, seed=8, sep=5.0)
+    res = fit_linear_probe(x, y, x, num_classes=2, val_x=x[[0, 25]], val_y=y[[0, 25]])
+    assert set(res.params["val_auc_macro"].values()) == {1.0}
+    assert res.params["C"] == DEFAULT_C
 
 
 def test_deterministic() -> None:

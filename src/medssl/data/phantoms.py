@@ -214,14 +214,14 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
         r = _rng(seed, _S_ITEM, i)
         u = r.random(24)
         spic = r.random((4, _MAX_SPICULES))
-        out["beta"][j] = 2.3 + 1.0 * pu[0] + 0.15 * (u[0] - 0.5)
+        out["beta"][j] = 2.4 + 0.9 * pu[0] + 0.15 * (u[0] - 0.5)
         out["density"][j] = -0.4 + 0.8 * pu[1] + 0.2 * (u[1] - 0.5)
-        out["texture"][j] = 0.8 + 0.4 * pu[2]
+        out["texture"][j] = 0.6 + 0.3 * pu[2]
         out["ramp"][j] = (0.8 * u[2], 2 * np.pi * u[3], 1.5 * (u[4] - 0.5))
         off_r, off_a = 0.14 * np.sqrt(u[5]), 2 * np.pi * u[6]
         out["centre"][j] = (0.5 + off_r * np.cos(off_a), 0.5 + off_r * np.sin(off_a))
         out["radius"][j] = 0.12 + 0.10 * u[7]
-        out["contrast"][j] = 0.9 + 1.1 * u[8]
+        out["contrast"][j] = 1.2 + 1.2 * u[8]
         out["shape"][j] = (0.15 * u[9], np.pi * u[10], 0.05 * u[11], 2 * np.pi * u[12])
         if m == 0:  # circumscribed: sharp, smooth
             out["edge"][j] = 0.001 + 0.003 * u[13]
@@ -233,9 +233,9 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
             count = 10 + int(9 * u[14])
             k = np.arange(_MAX_SPICULES)
             out["spicules"][j, 0] = 2 * np.pi * (u[15] + k / count + 0.3 * (spic[0] - 0.5) / count)
-            out["spicules"][j, 1] = (0.5 + 0.8 * spic[1]) * out["radius"][j]
-            out["spicules"][j, 2] = 0.003 + 0.004 * spic[2]
-            out["spicules"][j, 3] = 0.45 + 0.4 * spic[3]
+            out["spicules"][j, 1] = (0.6 + 0.8 * spic[1]) * out["radius"][j]
+            out["spicules"][j, 2] = 0.004 + 0.004 * spic[2]
+            out["spicules"][j, 3] = 0.6 + 0.4 * spic[3]
             out["spicules"][j, 4] = k < count
         else:  # ill-defined: blurred edge, blur varying around the contour
             out["edge"][j] = 0.014 + 0.016 * u[13]
@@ -395,17 +395,17 @@ def phantom3d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
         pu = _rng(seed, _S_PATIENT, int(patient[j])).random(5)
         u = _rng(seed, _S_ITEM, i).random(20)
         beta[j] = 2.5 + 0.8 * pu[0]
-        axes[j] = (0.24 + 0.1 * pu[1:4]) * (1.0 + 0.1 * (u[0:3] - 0.5))
+        axes[j] = (0.26 + 0.12 * pu[1:4]) * (1.0 + 0.1 * (u[0:3] - 0.5))
         centre[j] = 0.5 + 0.06 * (u[3:6] - 0.5)
         rot[j] = _rotation(np.pi * u[6], 0.6 * (u[7] - 0.5))
-        levels[j] = (-1.4 + 0.4 * u[8], 0.5 + 0.4 * pu[4], 0.45 + 0.25 * u[9])
+        levels[j] = (-1.0 + 0.4 * u[8], 0.6 + 0.4 * pu[4], 0.35 + 0.2 * u[9])
         # lesion centre: uniform in the inner 55 % of the gland ellipsoid
         v = u[10:13] * 2 - 1
         v = v / max(np.linalg.norm(v), 1e-9) * u[13] ** (1 / 3)
         lc[j] = centre[j] + rot[j] @ (0.55 * axes[j] * v)
         la[j] = (0.06 + 0.05 * u[14]) * (1.0 + 0.3 * (u[15:18] - 0.5))
         if lesion[j]:
-            depth[j] = 0.8 + 0.7 * u[18]
+            depth[j] = 1.0 + 0.6 * u[18]
     return Phantom3DParams(
         lesion=lesion, patient=patient, beta=beta, centre=centre, axes=axes, rotation=rot, levels=levels,
         lesion_centre=lc, lesion_axes=la, lesion_depth=depth,

@@ -4,8 +4,9 @@ The standard linear evaluation of self-supervised encoders (e.g. Chen et al., 20
 Contrastive Learning of Visual Representations", SimCLR, Appendix B.6; Kornblith et al., 2019, "Do Better
 ImageNet Models Transfer Better?"): features are frozen, standardised with statistics of the training
 subset only, and a logistic regression is fit with L-BFGS. The inverse regularisation strength ``C`` is
-chosen on the validation split by macro ROC AUC from :data:`DEFAULT_C_GRID`; without usable validation
-labels :data:`DEFAULT_C` is used. The model trained on the training subset with the chosen ``C`` is used as
+chosen on the validation split by macro ROC AUC from :data:`DEFAULT_C_GRID` (ties, frequent on tiny
+validation subsets, go to the value closest to :data:`DEFAULT_C`); without usable validation labels
+:data:`DEFAULT_C` is used. The model trained on the training subset with the chosen ``C`` is used as
 is (no refit on train + val), so validation labels never enter the fit.
 
 Low-label subsets can miss classes. The probe then fits only the classes it has seen and gives the missing
@@ -276,20 +277,21 @@ def fit_linear_probe(
         )
 
     xva_s = scaler.transform(xva)
-    best: tuple[float, float, np.ndarray, list[str]] | None = None
     val_auc: dict[str, float] = {}
-    for c in sorted(grid):
+    fits: list[tuple[tuple[float, float, float], float, np.ndarray, list[str]]] = []
+    for c in grid:
         fit_notes: list[str] = []
         pv, pt = _fit_predict(xtr_s, ytr, [xva_s, xte_s], c=c, notes=fit_notes, **kwargs)
         auc = classification_metrics(yva, pv, multilabel)["auc_macro"]
         val_auc[f"{c:g}"] = auc
-        # Strictly greater: ties keep the smaller C (stronger regularisation).
-        if best is None or (not math.isnan(auc) and (math.isnan(best[1]) or auc > best[1])):
-            best = (c, auc, pt, fit_notes)
-    assert best is not None
-    params = {"C": best[0], "c_selection": "val_auc_macro", "val_auc_macro": val_auc}
+        # Highest AUC; ties (common on tiny validation subsets) go to the C closest to default_c in
+        # log scale, then to the smaller C.
+        rank = (-math.inf if math.isnan(auc) else round(auc, 12), -abs(math.log(c / default_c)), -c)
+        fits.append((rank, c, pt, fit_notes))
+    _, c_best, probs, fit_notes = max(fits, key=lambda fit: fit[0])
+    params = {"C": c_best, "c_selection": "val_auc_macro", "val_auc_macro": val_auc}
     # Convergence notes of the chosen C only; multi-label fits may repeat one note per label.
-    return LinearProbeResult(best[2], params, notes + list(dict.fromkeys(best[3])))
+    return LinearProbeResult(probs, params, notes + list(dict.fromkeys(fit_notes)))
 
 
 def linear_probe(
@@ -310,7 +312,8 @@ def linear_probe(
 
     ``StandardScaler`` is fit on ``train_x`` only. ``C`` is chosen from ``c_grid`` by the validation macro
     ROC AUC when ``val_x`` / ``val_y`` are given and both the validation labels and the training subset have
-    at least two classes (multi-label: at least one label with both values); ties keep the smaller ``C``.
+    at least two classes (multi-label: at least one label with both values); ties go to the ``C`` closest to
+    ``default_c`` (log scale), then to the smaller one.
     Otherwise ``default_c`` is used. Multi-label problems fit one binary LR per label with a shared ``C``.
 
     Args:
