@@ -231,7 +231,7 @@ def evaluate(
     ds = open_dataset(data, image_size=size, task=task)
     if ds.labels is None:
         raise ConfigError(f"data {data}: has no labels; evaluation needs a labelled dataset")
-    for i in inits:
+    if inits:
         encoders.append((
             "random-init",
             random_encoder(

@@ -8,6 +8,7 @@ normalisation), which :func:`load_encoder` uses.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import safetensors.torch as st
@@ -39,6 +40,9 @@ def save_encoder(module: nn.Module, path: str | Path, meta: dict[str, str]) -> P
     }
     tmp = path.with_suffix(".tmp")
     st.save_file(state, str(tmp), metadata=metadata)
+    from medssl.engine.checkpoint import _default_mode
+
+    os.chmod(tmp, _default_mode())
     tmp.replace(path)
     return path
 

@@ -63,7 +63,7 @@ _NOISE_BASE_2D = 64  # frequency grid at which the base noise coefficients are d
 _NOISE_BASE_3D = 32
 _MAX_SPICULES = 18
 _EAGER_BYTES = 256 * 2**20  # render in memory below this size, else on demand per item
-_BOX_STD = 1.0 / np.sqrt(12.0)  # std of a one-pixel box filter, in pixels
+_BOX_STD = 1.0 / 12.0**0.5  # std of a one-pixel box filter, in pixels
 
 
 def _as_indices(indices: Sequence[int] | np.ndarray | int) -> np.ndarray:
@@ -102,12 +102,15 @@ def _shifted_freqs(size: int) -> np.ndarray:
 def _powerlaw_noise(
     indices: np.ndarray, seed: int, stream: int, size: int, dims: int, beta: np.ndarray, base: int
 ) -> np.ndarray:
-    """Gaussian fields with power spectrum ``|k|^-beta``, sampled at pixel centres.
+    """Real Gaussian fields with power spectrum ``|k|^-beta``, sampled at pixel centres.
 
-    The complex coefficient of frequency ``k`` is drawn from the smallest level ``L = base * 2^j`` whose
-    grid ``[-L/2, L/2)^dims`` contains ``k``, with a generator keyed by ``(seed, stream, index, L)``.
-    Any two resolutions therefore share all their common frequencies, which makes a higher-resolution
-    render the same field with finer detail. The fields have unit variance over the ``base`` grid.
+    The field is ``sum_k c_k |k|^(-beta/2) exp(2 pi i k.u)`` over a Hermitian-symmetric set of integer
+    frequencies ``k`` (cycles per image), stored as a half spectrum (last axis ``k >= 0``) and inverted
+    with a real FFT. The complex coefficient ``c_k`` is drawn from the smallest level ``L = base * 2^j``
+    whose grid (``[-L/2, L/2)`` on the leading axes, ``[0, L/2]`` on the last) contains ``k``, with a
+    generator keyed by ``(seed, stream, index, L)``. Any two resolutions therefore share all their
+    common frequencies, which makes a higher-resolution render the same field with finer detail. The
+    fields have unit variance at the ``base`` resolution (slightly more at finer ones).
 
     Args:
         indices: ``(n,)`` item indices.
@@ -126,30 +129,38 @@ def _powerlaw_noise(
     while levels[-1] < size:
         levels.append(levels[-1] * 2)
     half = size // 2
-    coef = np.zeros((n,) + (size,) * dims, dtype=np.complex64)
+    coef = np.zeros((n,) + (size,) * (dims - 1) + (half + 1,), dtype=np.complex64)
     for level in reversed(levels):  # smaller levels overwrite, so the smallest containing level wins
-        lo, hi = max(-half, -(level // 2)), min(size - half, level // 2)
-        dst = (slice(lo + half, hi + half),) * dims
-        src = (slice(lo + level // 2, hi + level // 2),) * dims
+        lh = level // 2
+        lo, hi = max(-half, -lh), min(size - half, lh)
+        dst = (slice(lo + half, hi + half),) * (dims - 1) + (slice(0, min(half, lh) + 1),)
+        src = (slice(lo + lh, hi + lh),) * (dims - 1) + (slice(0, min(half, lh) + 1),)
+        shape = (level,) * (dims - 1) + (lh + 1, 2)
         for j, idx in enumerate(indices):
-            w = _rng(seed, stream, idx, level).standard_normal((2,) + (level,) * dims, dtype=np.float32)
-            coef[(j,) + dst] = (w[0] + 1j * w[1])[src]
-    k = _shifted_freqs(size).astype(np.float32)
-    grids = np.meshgrid(*([k] * dims), indexing="ij")
+            w = _rng(seed, stream, idx, level).standard_normal(shape, dtype=np.float32)
+            coef[(j,) + dst] = w.view(np.complex64)[..., 0][src]
+    k_lead = _shifted_freqs(size).astype(np.float32)
+    k_last = np.arange(half + 1, dtype=np.float32)
+    grids = np.meshgrid(*([k_lead] * (dims - 1) + [k_last]), indexing="ij")
     k2 = sum(g * g for g in grids)
     log_k = 0.5 * np.log(np.where(k2 > 0, k2, 1.0))
     b = beta.astype(np.float32).reshape((n,) + (1,) * dims)
     amplitude = np.where(k2 > 0, np.exp(-0.5 * b * log_k), 0.0).astype(np.float32)
+    # The k_last = 0 and Nyquist planes hold each frequency pair twice (irfft keeps their real part):
+    # sqrt(2) gives them the variance of the other pairs.
+    edge_planes = (grids[-1] == 0) | ((size % 2 == 0) & (grids[-1] == half))
+    amplitude = amplitude * np.where(edge_planes, np.float32(2**0.5), np.float32(1.0))
     # exp(i pi k / size) per axis moves the sample points from pixel corners to pixel centres.
     phase = np.exp(1j * np.pi * sum(grids) / size).astype(np.complex64)
     spectrum = coef * amplitude * phase
-    axes = tuple(range(1, dims + 1))
-    field = np.fft.ifftn(np.fft.ifftshift(spectrum, axes=axes), axes=axes).real * float(size**dims)
+    lead_axes = tuple(range(1, dims))
+    spectrum = np.fft.ifftshift(spectrum, axes=lead_axes)
+    field = np.fft.irfftn(spectrum, s=(size,) * dims, axes=tuple(range(1, dims + 1))) * float(size**dims)
     kb = _shifted_freqs(base).astype(np.float64)
     kb2 = sum(g * g for g in np.meshgrid(*([kb] * dims), indexing="ij")).ravel()
     kb2 = kb2[kb2 > 0]
-    norm = np.sqrt(np.exp(-0.5 * beta.astype(np.float64)[:, None] * np.log(kb2)[None, :]).sum(axis=1))
-    return (field / norm.reshape((n,) + (1,) * dims)).astype(np.float32)
+    norm = np.sqrt(2.0 * np.exp(-0.5 * beta.astype(np.float64)[:, None] * np.log(kb2)[None, :]).sum(axis=1))
+    return field.astype(np.float32) / norm.astype(np.float32).reshape((n,) + (1,) * dims)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -181,7 +192,7 @@ class Phantom2DParams:
     shape: np.ndarray  # (n, 4): ellipticity, its angle, 3rd-harmonic amplitude, its phase
     edge: np.ndarray  # logistic edge scale of the contour
     fuzz: np.ndarray  # (n, 2): angular modulation of the edge blur (amplitude, angle)
-    lobes: np.ndarray  # (n, 3): lobe count, amplitude, phase (amplitude 0 unless microlobulated)
+    lobes: np.ndarray  # (n, 5): lobe count, amplitude, phase, amplitude modulation and its angle
     spicules: np.ndarray  # (n, 5, _MAX_SPICULES): angle, length, width, intensity, used (0/1)
 
 
@@ -202,7 +213,7 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
     out: dict[str, np.ndarray] = {
         "beta": np.empty(n), "density": np.empty(n), "texture": np.empty(n), "ramp": np.empty((n, 3)),
         "centre": np.empty((n, 2)), "radius": np.empty(n), "contrast": np.empty(n), "shape": np.empty((n, 4)),
-        "edge": np.empty(n), "fuzz": np.zeros((n, 2)), "lobes": np.zeros((n, 3)),
+        "edge": np.empty(n), "fuzz": np.zeros((n, 2)), "lobes": np.zeros((n, 5)),
         "spicules": np.zeros((n, 5, _MAX_SPICULES)), "pathology": np.empty(n, dtype=np.int64),
     }
     patient_cache: dict[int, np.ndarray] = {}
@@ -216,18 +227,18 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
         spic = r.random((4, _MAX_SPICULES))
         out["beta"][j] = 2.4 + 0.9 * pu[0] + 0.15 * (u[0] - 0.5)
         out["density"][j] = -0.4 + 0.8 * pu[1] + 0.2 * (u[1] - 0.5)
-        out["texture"][j] = 0.6 + 0.3 * pu[2]
+        out["texture"][j] = 0.5 + 0.3 * pu[2]
         out["ramp"][j] = (0.8 * u[2], 2 * np.pi * u[3], 1.5 * (u[4] - 0.5))
         off_r, off_a = 0.14 * np.sqrt(u[5]), 2 * np.pi * u[6]
         out["centre"][j] = (0.5 + off_r * np.cos(off_a), 0.5 + off_r * np.sin(off_a))
         out["radius"][j] = 0.12 + 0.10 * u[7]
-        out["contrast"][j] = 1.2 + 1.2 * u[8]
+        out["contrast"][j] = 1.6 + 1.4 * u[8]
         out["shape"][j] = (0.15 * u[9], np.pi * u[10], 0.05 * u[11], 2 * np.pi * u[12])
         if m == 0:  # circumscribed: sharp, smooth
             out["edge"][j] = 0.001 + 0.003 * u[13]
         elif m == 1:  # microlobulated: sharp, scalloped
             out["edge"][j] = 0.001 + 0.003 * u[13]
-            out["lobes"][j] = (8 + int(6 * u[14]), 0.08 + 0.07 * u[15], 2 * np.pi * u[16])
+            out["lobes"][j] = (8 + int(6 * u[14]), 0.07 + 0.07 * u[15], 2 * np.pi * u[16], 0.6 * u[18], 2 * np.pi * u[19])
         elif m == 2:  # spiculated: moderately sharp core plus spicules
             out["edge"][j] = 0.003 + 0.005 * u[13]
             count = 10 + int(9 * u[14])
@@ -248,8 +259,6 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
 def _render2d_chunk(
     idx: np.ndarray, prm: Phantom2DParams, sel: slice, size: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    n = len(idx)
-
     def f(a: np.ndarray) -> np.ndarray:
         return a[sel].astype(np.float32)
 
@@ -277,7 +286,8 @@ def _render2d_chunk(
     ell, psi, a3, ph3 = (sh[:, k, None, None] for k in range(4))
     contour = r * (1.0 + ell * np.cos(2.0 * (theta - psi)) + a3 * np.cos(3.0 * theta + ph3))
     lb = f(prm.lobes)
-    m_lobes, a_lobes, ph_lobes = (lb[:, k, None, None] for k in range(3))
+    m_lobes, a_lobes, ph_lobes, mod, ph_mod = (lb[:, k, None, None] for k in range(5))
+    a_lobes = a_lobes * (1.0 + mod * np.cos(theta - ph_mod))  # lobes of uneven size around the contour
     contour = contour * (1.0 + a_lobes * (2.0 * np.abs(np.cos(0.5 * (m_lobes * theta + ph_lobes))) - 4.0 / np.pi))
     fz = f(prm.fuzz)
     edge = f(prm.edge)[:, None, None] * (1.0 + fz[:, 0, None, None] * np.cos(theta - fz[:, 1, None, None]))
@@ -303,11 +313,16 @@ def _spicules(sp: np.ndarray, rho: np.ndarray, theta: np.ndarray, r: np.ndarray,
     count = sp[:, 4].sum(axis=1).astype(np.int64)
     k_count = count[:, None, None].astype(np.float32)
     start = sp[:, 0, 0][:, None, None]
-    nominal = np.round((theta - start) * k_count / (2 * np.pi)).astype(np.int64)
+    position = (theta - start) * k_count / (2 * np.pi)
+    nominal = np.round(position).astype(np.int64)
+    # The two spicules whose nominal angles bracket the pixel include the nearest one (jitter is at most
+    # 0.3 of the spacing); farther ones are more than two line widths away wherever they are not hidden
+    # under the lesion core.
+    neighbour = nominal + np.where(position >= nominal, 1, -1)
     out = np.zeros_like(rho)
     rows = np.arange(n)[:, None, None]
-    for shift in (-1, 0, 1):
-        j = np.mod(nominal + shift, count[:, None, None])
+    for nearest in (nominal, neighbour):
+        j = np.mod(nearest, count[:, None, None])
         ang, length, width, inten = (sp[:, q][rows, j] for q in range(4))
         delta = np.mod(theta - ang + np.pi, 2 * np.pi) - np.pi
         along = rho * np.cos(delta)
@@ -403,9 +418,9 @@ def phantom3d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
         v = u[10:13] * 2 - 1
         v = v / max(np.linalg.norm(v), 1e-9) * u[13] ** (1 / 3)
         lc[j] = centre[j] + rot[j] @ (0.55 * axes[j] * v)
-        la[j] = (0.06 + 0.05 * u[14]) * (1.0 + 0.3 * (u[15:18] - 0.5))
+        la[j] = (0.07 + 0.05 * u[14]) * (1.0 + 0.3 * (u[15:18] - 0.5))
         if lesion[j]:
-            depth[j] = 1.0 + 0.6 * u[18]
+            depth[j] = 1.2 + 0.6 * u[18]
     return Phantom3DParams(
         lesion=lesion, patient=patient, beta=beta, centre=centre, axes=axes, rotation=rot, levels=levels,
         lesion_centre=lc, lesion_axes=la, lesion_depth=depth,
@@ -417,30 +432,31 @@ def _render3d_chunk(
 ) -> tuple[np.ndarray, np.ndarray]:
     n = len(idx)
     pix = 1.0 / size
+
+    def f(a: np.ndarray) -> np.ndarray:  # per-volume parameter broadcast against (n, z, y, x)
+        a = a[sel].astype(np.float32)
+        return a.reshape(a.shape + (1, 1, 1))
+
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size
     coords = [grid[:, None, None], grid[None, :, None], grid[None, None, :]]  # z, y, x
     texture = _powerlaw_noise(idx, seed, _S_NOISE, size, 3, prm.beta[sel], _NOISE_BASE_3D)
     fine = _powerlaw_noise(idx, seed, _S_NOISE_FINE, size, 3, np.full(n, 1.0), _NOISE_BASE_3D)
-    images = np.empty((n, size, size, size), dtype=np.float32)
-    masks = np.zeros((n, size, size, size), dtype=np.uint8)
-    for j in range(n):
-        g = sel.start + j
-        rel = [coords[d] - prm.centre[g, d] for d in range(3)]
-        rot_t = prm.rotation[g].T  # world -> gland frame
-        q2 = 0.0
-        for a in range(3):
-            p = rot_t[a, 0] * rel[0] + rot_t[a, 1] * rel[1] + rot_t[a, 2] * rel[2]
-            q2 = q2 + (p / prm.axes[g, a]) ** 2
-        gland = _sigmoid((1.0 - np.sqrt(q2)) / 0.06)
-        bg, level, amp = prm.levels[g]
-        field = bg + 0.3 * texture[j] + gland * (level - bg + amp * texture[j]) + 0.25 * fine[j]
-        if prm.lesion[g]:
-            lq2 = sum(((coords[d] - prm.lesion_centre[g, d]) / prm.lesion_axes[g, d]) ** 2 for d in range(3))
-            dist = (np.sqrt(lq2) - 1.0) * prm.lesion_axes[g].mean()  # approx. signed distance to surface
-            edge = np.sqrt(0.006**2 + (0.55 * _BOX_STD * pix) ** 2)
-            field = field - prm.lesion_depth[g] * _sigmoid(-dist / edge) * gland
-            masks[j] = lq2 < 1.0
-        images[j] = _sigmoid(1.1 * field)
+    centre, axes, rot, levels = f(prm.centre), f(prm.axes), f(prm.rotation), f(prm.levels)
+    rel = [coords[d] - centre[:, d] for d in range(3)]
+    q2 = np.zeros((n,) + (size,) * 3, dtype=np.float32)
+    for a in range(3):  # gland frame coordinate a = sum_d R[d, a] * rel_d (R maps gland -> world)
+        p = rot[:, 0, a] * rel[0] + rot[:, 1, a] * rel[1] + rot[:, 2, a] * rel[2]
+        q2 += (p / axes[:, a]) ** 2
+    gland = _sigmoid((1.0 - np.sqrt(q2)) / 0.06)
+    bg, level, amp = levels[:, 0], levels[:, 1], levels[:, 2]
+    field = bg + 0.3 * texture + gland * (level - bg + amp * texture) + 0.25 * fine
+    lc, la = f(prm.lesion_centre), f(prm.lesion_axes)
+    lq2 = sum(((coords[d] - lc[:, d]) / la[:, d]) ** 2 for d in range(3))
+    dist = (np.sqrt(lq2) - 1.0) * la.mean(axis=1)  # approximate signed distance to the lesion surface
+    edge = (0.006**2 + (0.55 * _BOX_STD * pix) ** 2) ** 0.5
+    field = field - f(prm.lesion_depth) * _sigmoid(-dist / edge) * gland
+    masks = ((lq2 < 1.0) & (f(prm.lesion) > 0)).astype(np.uint8)
+    images = _sigmoid(1.1 * field).astype(np.float32)
     return images, masks
 
 

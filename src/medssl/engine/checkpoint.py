@@ -19,6 +19,12 @@ import torch
 from medssl.errors import CheckpointError
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
     path = Path(path)
@@ -29,6 +35,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -164,6 +164,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     fabric = _make_fabric(cfg)
     fabric.launch()
     t = cfg.train
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -250,7 +251,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     bad_steps = 0
     t_last = time.perf_counter()
     step_last = step
-    last_log_step = step
     try:
         while step < total_steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
@@ -301,7 +301,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     loss_sum.zero_()
                     loss_count = 0
                     logs_acc = {}
-                    t_last, step_last, last_log_step = now, step, step
+                    t_last, step_last = now, step
                 every = t.checkpoint_every_n_steps
                 if (every and step % every == 0) or step % steps_per_epoch == 0:
                     save_checkpoint()
@@ -309,6 +309,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     break
     finally:
         bar.close()
+        torch.use_deterministic_algorithms(was_deterministic)
     save_checkpoint()
     if fabric.is_global_zero:
         from medssl.export import export_encoders

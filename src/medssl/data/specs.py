@@ -1,0 +1,100 @@
+"""Data spec strings: one string names a dataset on the command line and in recipes.
+
+>>> ds = open_dataset("phantom2d:200", image_size=32)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from medssl.errors import DataError
+
+from .base import ImageDataset
+from .folder import FolderDataset
+from .npz import NpzDataset
+from .phantoms import PHANTOM2D_DEFAULT_N, PHANTOM3D_DEFAULT_N, PhantomDataset
+
+SPEC_HELP: str = (
+    "Data spec: 'phantom2d[:N]' (built-in synthetic mammography-like 64x64 patches, default N="
+    f"{PHANTOM2D_DEFAULT_N}; tasks margin (4 classes, default) and pathology; lesion masks), "
+    f"'phantom3d[:N]' (built-in synthetic 32^3 gland volumes, default N={PHANTOM3D_DEFAULT_N}; task lesion; "
+    "lesion masks), 'npz:PATH' (MedMNIST-layout .npz with train/val/test _images and _labels), or "
+    "'folder:DIR' (PNG/JPEG/TIFF/BMP images found recursively; class = top-level sub-folder name if "
+    "there are sub-folders, else unlabelled; padded to square and resized to 224 unless --image-size "
+    "is given). Splits are patient-level 70/10/20 unless the source defines them (npz keys). The "
+    "phantoms are synthetic test data, not a substitute for real images."
+)
+
+_VALID = "phantom2d[:N], phantom3d[:N], npz:PATH, folder:DIR"
+
+
+def _parse_count(spec: str, text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1 or not text.strip().isdigit():
+        raise DataError(f"bad data spec {spec!r}: N must be a positive integer, got {text!r} (valid: {_VALID})")
+    return n
+
+
+def _open_phantom(kind: str) -> Callable[[str, str | None, int | None, str | None, int], ImageDataset]:
+    def opener(spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int) -> ImageDataset:
+        n = None if arg is None else _parse_count(spec, arg)
+        return PhantomDataset(kind, n=n, image_size=image_size, task=task, seed=seed, name=spec)
+
+    return opener
+
+
+def _require_arg(spec: str, arg: str | None, what: str) -> Path:
+    if not arg:
+        raise DataError(f"bad data spec {spec!r}: {what} is missing (valid: {_VALID})")
+    return Path(arg).expanduser()
+
+
+def _open_npz(spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int) -> ImageDataset:
+    return NpzDataset(_require_arg(spec, arg, "PATH"), image_size=image_size, task=task, name=spec)
+
+
+def _open_folder(spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int) -> ImageDataset:
+    return FolderDataset(_require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec)
+
+
+_OPENERS: dict[str, Callable[[str, str | None, int | None, str | None, int], ImageDataset]] = {
+    "phantom2d": _open_phantom("phantom2d"),
+    "phantom3d": _open_phantom("phantom3d"),
+    "npz": _open_npz,
+    "folder": _open_folder,
+}
+
+
+def open_dataset(spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0) -> ImageDataset:
+    """Opens the dataset a spec string names.
+
+    Args:
+        spec: ``"phantom2d"``, ``"phantom2d:N"``, ``"phantom3d"``, ``"phantom3d:N"``, ``"npz:PATH"`` or
+            ``"folder:DIR"`` (see :data:`SPEC_HELP`).
+        image_size: Side length of the items; ``None`` for the dataset's native size (phantom2d 64,
+            phantom3d 32, npz its stored size, folder 224). Phantoms are rendered at that size, files
+            are resized.
+        task: Labelling task for datasets with several (``None``: the default task).
+        seed: Seed of the phantom generator and of patient-level splits (npz splits come from the file).
+
+    Returns:
+        The dataset, with ``name == spec``.
+
+    Raises:
+        DataError: For an unknown prefix, a bad ``N``, a missing path, an unknown task or invalid data,
+            with a message listing what is valid.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty data spec; valid: {_VALID}")
+    spec = spec.strip()
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    prefix, sep, arg = spec.partition(":")
+    prefix = prefix.lower()
+    if prefix not in _OPENERS:
+        raise DataError(f"unknown data spec {spec!r}; valid: {_VALID}")
+    return _OPENERS[prefix](spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
