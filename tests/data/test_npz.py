@@ -16,7 +16,13 @@ from medssl.errors import DataError
 COUNTS = {"train": 7, "val": 2, "test": 3}
 
 
-def _write(path: Path, item_shape: tuple[int, ...], labels: str = "class", dtype: type = np.uint8, **extra: np.ndarray) -> dict:
+def _write(
+    path: Path,
+    item_shape: tuple[int, ...],
+    labels: str = "class",
+    dtype: type = np.uint8,
+    **extra: np.ndarray,
+) -> dict:
     rng = np.random.default_rng(0)
     arrays: dict[str, np.ndarray] = {}
     high = 256 if dtype == np.uint8 else 65536
@@ -130,8 +136,14 @@ def _bad(tmp_path: Path, **changes: np.ndarray | None) -> Path:
         ({"test_images": np.zeros((3, 7, 7), np.uint8)}, "'test_images' has item shape"),
         ({"val_labels": np.full((2, 1), 0.5)}, "'val_labels' has dtype float64"),
         ({"val_labels": np.full((2, 1), -1, np.int64)}, "negative"),
-        ({"train_labels": np.full((7, 3), 2, np.uint8), "val_labels": np.zeros((2, 3), np.uint8),
-          "test_labels": np.zeros((3, 3), np.uint8)}, "only 0 and 1"),
+        (
+            {
+                "train_labels": np.full((7, 3), 2, np.uint8),
+                "val_labels": np.zeros((2, 3), np.uint8),
+                "test_labels": np.zeros((3, 3), np.uint8),
+            },
+            "only 0 and 1",
+        ),
         ({"val_labels": np.zeros((2, 2), np.uint8)}, "different numbers of columns"),
         ({"class_names": np.array([1, 2])}, "'class_names'"),
     ],

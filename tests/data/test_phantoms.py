@@ -90,7 +90,9 @@ def test_phantom2d_labels_are_balanced_and_pathology_is_noisy_margin() -> None:
     assert np.array_equal(prm.patient, np.arange(2000) // 4)
 
 
-def test_phantom2d_margin_learnable_from_edge_features(sanity2d: tuple[np.ndarray, np.ndarray, float]) -> None:
+def test_phantom2d_margin_learnable_from_edge_features(
+    sanity2d: tuple[np.ndarray, np.ndarray, float],
+) -> None:
     images, masks, _ = sanity2d
     labels = phantom2d_params(np.arange(N_SANITY)).margin
     feats = _radial_features(images, masks)

@@ -20,9 +20,9 @@ def test_normalize_unchanged() -> None:
 
 
 def test_adjust_brightness(images: torch.Tensor) -> None:
-    shift = torch.tensor([-0.3, 0.0, 0.25])
-    ref = np.clip(images.numpy() + shift.numpy()[:, None, None, None], 0, 1)
-    np.testing.assert_allclose(adjust_brightness(images, shift).numpy(), ref, atol=1e-6)
+    factor = torch.tensor([0.7, 1.0, 1.25])
+    ref = np.clip(images.numpy() * factor.numpy()[:, None, None, None], 0, 1)
+    np.testing.assert_allclose(adjust_brightness(images, factor).numpy(), ref, atol=1e-6)
 
 
 def test_adjust_contrast_about_per_image_mean(images: torch.Tensor) -> None:

@@ -124,17 +124,17 @@ def _full_view_cfg(**kwargs: float | tuple[float, float]) -> ViewConfig:
     return ViewConfig(**base)
 
 
-def test_brightness_is_a_per_sample_shift_in_range() -> None:
-    x = 0.4 + 0.2 * torch.rand(300, 1, 8, 8, generator=_gen(0))  # no clamping for |shift| <= 0.3
+def test_brightness_is_a_per_sample_factor_in_range() -> None:
+    x = 0.4 + 0.2 * torch.rand(300, 1, 8, 8, generator=_gen(0))  # no clamping for factors <= 1.3
     cfg = _full_view_cfg(intensity_p=0.8, brightness=0.3)
     out = ViewSampler(cfg, 8, 2)(x, generator=_gen(1)).images
-    diff = (out - x).reshape(300, -1)
-    shift = diff.mean(dim=1)
-    torch.testing.assert_close(diff, shift.unsqueeze(1).expand_as(diff), atol=1e-5, rtol=0)
-    assert shift.abs().max() <= 0.3 + 1e-5
-    unchanged = (shift.abs() < 1e-6).float().mean()
+    ratio = (out / x).reshape(300, -1)
+    factor = ratio.mean(dim=1)
+    torch.testing.assert_close(ratio, factor.unsqueeze(1).expand_as(ratio), atol=1e-5, rtol=0)
+    assert (factor - 1).abs().max() <= 0.3 + 1e-5
+    unchanged = ((factor - 1).abs() < 1e-6).float().mean()
     assert 0.1 < unchanged < 0.3  # ~ 1 - intensity_p
-    assert shift.max() > 0.2 and shift.min() < -0.2
+    assert factor.max() > 1.2 and factor.min() < 0.8
 
 
 def test_contrast_and_gamma_ranges() -> None:

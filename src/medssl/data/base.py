@@ -120,7 +120,9 @@ class ImageDataset(Dataset):
             labels = np.asarray(labels, dtype=np.int64)
             expected_ndim = 2 if multilabel else 1
             if labels.ndim != expected_ndim or len(labels) != n:
-                raise ValueError(f"labels of shape {labels.shape} do not fit {n} items (multilabel={multilabel})")
+                raise ValueError(
+                    f"labels of shape {labels.shape} do not fit {n} items (multilabel={multilabel})"
+                )
             if multilabel and (labels.shape[1] != len(class_names) or not np.isin(labels, (0, 1)).all()):
                 raise ValueError("multi-label matrix must be 0/1 with one column per class name")
             if not multilabel and n and (labels.min() < 0 or labels.max() >= len(class_names)):
@@ -194,7 +196,9 @@ class ImageDataset(Dataset):
             DataError: If ``split`` is not one of the three split names.
         """
         if split not in SPLIT_NAMES:
-            raise DataError(f"unknown split {split!r} for {self.name!r}; valid splits: {', '.join(SPLIT_NAMES)}")
+            raise DataError(
+                f"unknown split {split!r} for {self.name!r}; valid splits: {', '.join(SPLIT_NAMES)}"
+            )
         return np.flatnonzero(self.splits == split).astype(np.int64)
 
     def _label_counts(self, idx: np.ndarray) -> dict[str, int]:

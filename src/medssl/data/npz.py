@@ -64,7 +64,9 @@ class NpzDataset(ImageDataset):
                 )
         if present and len(present) != 3:
             missing = sorted(set(label_keys) - set(present))
-            raise DataError(f"{self.path}: missing key {missing[0]!r}: give labels for all three splits or none")
+            raise DataError(
+                f"{self.path}: missing key {missing[0]!r}: give labels for all three splits or none"
+            )
 
         geometry = None
         for s in SPLIT_NAMES:
@@ -82,10 +84,14 @@ class NpzDataset(ImageDataset):
         multilabel = False
         class_names: list[str] = []
         if present:
-            parts = [_labels(self.path, f"{s}_labels", arrays[f"{s}_labels"], len(images[s])) for s in SPLIT_NAMES]
+            parts = [
+                _labels(self.path, f"{s}_labels", arrays[f"{s}_labels"], len(images[s])) for s in SPLIT_NAMES
+            ]
             widths = {p.shape[1] for p in parts}
             if len(widths) != 1:
-                raise DataError(f"{self.path}: the *_labels arrays have different numbers of columns: {sorted(widths)}")
+                raise DataError(
+                    f"{self.path}: the *_labels arrays have different numbers of columns: {sorted(widths)}"
+                )
             width = widths.pop()
             merged = np.concatenate(parts)
             if width == 1:
@@ -95,7 +101,9 @@ class NpzDataset(ImageDataset):
                 multilabel = True
                 labels = merged
                 if not np.isin(labels, (0, 1)).all():
-                    raise DataError(f"{self.path}: multi-label *_labels of width {width} must hold only 0 and 1")
+                    raise DataError(
+                        f"{self.path}: multi-label *_labels of width {width} must hold only 0 and 1"
+                    )
                 num_classes = width
             class_names = _class_names(self.path, arrays.get("class_names"), num_classes, multilabel)
 

@@ -6,7 +6,7 @@ of the seed tasks, not their appearance in detail, and are **not** a substitute 
 
 ``phantom2d`` -- "mammography-like" patches (CBIS-DDSM mass margins):
 
-* background: Gaussian noise with a power-law spectrum ``P(f) ~ f^-beta`` (``beta`` around 2.3-3.3, the
+* background: Gaussian noise with a power-law spectrum ``P(f) ~ f^-beta`` (``beta`` 2.4-3.3, the
   range measured for mammographic parenchyma), plus a smooth intensity ramp; texture parameters are shared
   by the images of one patient;
 * one brighter lesion per image, near (but not at) the centre, radius 0.12-0.22 of the side, random
@@ -211,10 +211,19 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
     margin = _balanced_labels(idx, seed, 4, 16, _S_LABEL)
     patient = idx // IMAGES_PER_PATIENT_2D
     out: dict[str, np.ndarray] = {
-        "beta": np.empty(n), "density": np.empty(n), "texture": np.empty(n), "ramp": np.empty((n, 3)),
-        "centre": np.empty((n, 2)), "radius": np.empty(n), "contrast": np.empty(n), "shape": np.empty((n, 4)),
-        "edge": np.empty(n), "fuzz": np.zeros((n, 2)), "lobes": np.zeros((n, 5)),
-        "spicules": np.zeros((n, 5, _MAX_SPICULES)), "pathology": np.empty(n, dtype=np.int64),
+        "beta": np.empty(n),
+        "density": np.empty(n),
+        "texture": np.empty(n),
+        "ramp": np.empty((n, 3)),
+        "centre": np.empty((n, 2)),
+        "radius": np.empty(n),
+        "contrast": np.empty(n),
+        "shape": np.empty((n, 4)),
+        "edge": np.empty(n),
+        "fuzz": np.zeros((n, 2)),
+        "lobes": np.zeros((n, 5)),
+        "spicules": np.zeros((n, 5, _MAX_SPICULES)),
+        "pathology": np.empty(n, dtype=np.int64),
     }
     patient_cache: dict[int, np.ndarray] = {}
     for j, (i, m) in enumerate(zip(idx, margin, strict=True)):
@@ -238,7 +247,13 @@ def phantom2d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
             out["edge"][j] = 0.001 + 0.003 * u[13]
         elif m == 1:  # microlobulated: sharp, scalloped
             out["edge"][j] = 0.001 + 0.003 * u[13]
-            out["lobes"][j] = (8 + int(6 * u[14]), 0.07 + 0.07 * u[15], 2 * np.pi * u[16], 0.6 * u[18], 2 * np.pi * u[19])
+            out["lobes"][j] = (
+                8 + int(6 * u[14]),
+                0.07 + 0.07 * u[15],
+                2 * np.pi * u[16],
+                0.6 * u[18],
+                2 * np.pi * u[19],
+            )
         elif m == 2:  # spiculated: moderately sharp core plus spicules
             out["edge"][j] = 0.003 + 0.005 * u[13]
             count = 10 + int(9 * u[14])
@@ -288,7 +303,9 @@ def _render2d_chunk(
     lb = f(prm.lobes)
     m_lobes, a_lobes, ph_lobes, mod, ph_mod = (lb[:, k, None, None] for k in range(5))
     a_lobes = a_lobes * (1.0 + mod * np.cos(theta - ph_mod))  # lobes of uneven size around the contour
-    contour = contour * (1.0 + a_lobes * (2.0 * np.abs(np.cos(0.5 * (m_lobes * theta + ph_lobes))) - 4.0 / np.pi))
+    contour = contour * (
+        1.0 + a_lobes * (2.0 * np.abs(np.cos(0.5 * (m_lobes * theta + ph_lobes))) - 4.0 / np.pi)
+    )
     fz = f(prm.fuzz)
     edge = f(prm.edge)[:, None, None] * (1.0 + fz[:, 0, None, None] * np.cos(theta - fz[:, 1, None, None]))
     edge_eff = np.sqrt(edge**2 + (0.55 * _BOX_STD * pix) ** 2)  # logistic scale ~ 0.55 std
@@ -422,8 +439,16 @@ def phantom3d_params(indices: Sequence[int] | np.ndarray, seed: int = 0) -> Phan
         if lesion[j]:
             depth[j] = 1.2 + 0.6 * u[18]
     return Phantom3DParams(
-        lesion=lesion, patient=patient, beta=beta, centre=centre, axes=axes, rotation=rot, levels=levels,
-        lesion_centre=lc, lesion_axes=la, lesion_depth=depth,
+        lesion=lesion,
+        patient=patient,
+        beta=beta,
+        centre=centre,
+        axes=axes,
+        rotation=rot,
+        levels=levels,
+        lesion_centre=lc,
+        lesion_axes=la,
+        lesion_depth=depth,
     )
 
 

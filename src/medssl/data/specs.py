@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from medssl.errors import DataError
 
 from .base import ImageDataset
@@ -35,12 +37,22 @@ def _parse_count(spec: str, text: str) -> int:
     except ValueError:
         n = 0
     if n < 1 or not text.strip().isdigit():
-        raise DataError(f"bad data spec {spec!r}: N must be a positive integer, got {text!r} (valid: {_VALID})")
+        raise DataError(
+            f"bad data spec {spec!r}: N must be a positive integer, got {text!r} (valid: {_VALID})"
+        )
     return n
 
 
+def _is_positive_int(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return False
+    return bool(np.isfinite(value)) and int(value) == value and value >= 1
+
+
 def _open_phantom(kind: str) -> Callable[[str, str | None, int | None, str | None, int], ImageDataset]:
-    def opener(spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int) -> ImageDataset:
+    def opener(
+        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+    ) -> ImageDataset:
         n = None if arg is None else _parse_count(spec, arg)
         return PhantomDataset(kind, n=n, image_size=image_size, task=task, seed=seed, name=spec)
 
@@ -53,12 +65,18 @@ def _require_arg(spec: str, arg: str | None, what: str) -> Path:
     return Path(arg).expanduser()
 
 
-def _open_npz(spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int) -> ImageDataset:
+def _open_npz(
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+) -> ImageDataset:
     return NpzDataset(_require_arg(spec, arg, "PATH"), image_size=image_size, task=task, name=spec)
 
 
-def _open_folder(spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int) -> ImageDataset:
-    return FolderDataset(_require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec)
+def _open_folder(
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+) -> ImageDataset:
+    return FolderDataset(
+        _require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec
+    )
 
 
 _OPENERS: dict[str, Callable[[str, str | None, int | None, str | None, int], ImageDataset]] = {
@@ -69,7 +87,9 @@ _OPENERS: dict[str, Callable[[str, str | None, int | None, str | None, int], Ima
 }
 
 
-def open_dataset(spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0) -> ImageDataset:
+def open_dataset(
+    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0
+) -> ImageDataset:
     """Opens the dataset a spec string names.
 
     Args:
@@ -91,10 +111,12 @@ def open_dataset(spec: str, image_size: int | None = None, task: str | None = No
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data spec; valid: {_VALID}")
     spec = spec.strip()
-    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
+    if image_size is not None and not _is_positive_int(image_size):
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     prefix, sep, arg = spec.partition(":")
     prefix = prefix.lower()
     if prefix not in _OPENERS:
         raise DataError(f"unknown data spec {spec!r}; valid: {_VALID}")
-    return _OPENERS[prefix](spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
+    return _OPENERS[prefix](
+        spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed)
+    )

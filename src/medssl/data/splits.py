@@ -160,7 +160,9 @@ def stratified_fraction(
     return _stratified_multilabel(labels, target, rng, int(min_per_class))
 
 
-def _stratified_classes(labels: np.ndarray, target: int, rng: np.random.Generator, minimum: int) -> np.ndarray:
+def _stratified_classes(
+    labels: np.ndarray, target: int, rng: np.random.Generator, minimum: int
+) -> np.ndarray:
     classes, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
     counts = _largest_remainder(sizes.astype(np.float64), target, rng)
     counts = np.maximum(counts, np.minimum(minimum, sizes))

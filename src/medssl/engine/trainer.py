@@ -171,7 +171,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     # Each rank gets its own augmentation stream; data order comes from the sampler's own seed.
     fabric.seed_everything(t.seed + fabric.global_rank, verbose=False)
 
-    dataset = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task, seed=t.seed)
+    # The data seed is a property of the dataset (phantom content, split assignment), not of the run: evaluation
+    # must see the same splits, so pretraining never reads the test images.
+    dataset = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task)
     if cfg.data.image_size is None:
         cfg.data.image_size = int(dataset.image_size)
     indices = pretrain_indices(dataset, cfg.data.split)

@@ -28,20 +28,21 @@ def _per_sample(values: torch.Tensor | float, images: torch.Tensor) -> torch.Ten
     return v.view(-1, *([1] * (images.ndim - 1)))
 
 
-def adjust_brightness(images: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:
-    """Add a per-sample brightness shift and clamp to ``[0, 1]``.
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Scale each sample's intensities by a brightness factor and clamp to ``[0, 1]``.
 
-    Additive (not torchvision's multiplicative brightness): on ``[0, 1]`` medical images a shift moves the
-    whole intensity window, like a different window level.
+    Multiplicative, as torchvision's ``ColorJitter(brightness=b)`` (factor ``~ U(1 - b, 1 + b)``): an additive
+    shift of the same size pushes low-contrast medical images (mean ≈ 0.5, std ≈ 0.15) into clipping and
+    destroys the content the views must share; scaling keeps black at black.
 
     Args:
         images: ``(B, C, *spatial)`` images in ``[0, 1]``.
-        shift: Scalar or ``(B,)`` shifts (``0`` is the identity).
+        factor: Scalar or ``(B,)`` factors (``1`` is the identity).
 
     Returns:
-        ``clamp(images + shift, 0, 1)``.
+        ``clamp(images * factor, 0, 1)``.
     """
-    return (images + _per_sample(shift, images)).clamp(0.0, 1.0)
+    return (images * _per_sample(factor, images)).clamp(0.0, 1.0)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:

@@ -42,7 +42,7 @@ class ViewConfig:
         flip_axes: Spatial axes eligible for flips. Negative indices count from the last spatial axis
             (``-1`` = W, ``-2`` = H, ``-3`` = D); non-negative ones index ``(D,) H, W`` from the front.
         intensity_p: Probability that a view gets the intensity jitter (brightness, contrast, gamma).
-        brightness: Additive shift ``~ U(-brightness, brightness)`` (image range is 1).
+        brightness: Multiplicative factor ``~ U(1 - brightness, 1 + brightness)`` (torchvision semantics).
         contrast: Factor ``~ U(1 - contrast, 1 + contrast)`` about the per-image mean.
         gamma: Range of the exponent of ``x ** gamma`` (drawn log-uniformly), applied after brightness
             and contrast on the clamped image.
@@ -198,11 +198,11 @@ class ViewSampler:
 
         if cfg.intensity_p > 0.0:
             apply = u[:, sd] < cfg.intensity_p
-            shift = torch.where(apply, cfg.brightness * (2.0 * u[:, sd + 1] - 1.0), 0.0)
+            bright = torch.where(apply, 1.0 + cfg.brightness * (2.0 * u[:, sd + 1] - 1.0), 1.0)
             factor = torch.where(apply, 1.0 + cfg.contrast * (2.0 * u[:, sd + 2] - 1.0), 1.0)
             log_g = math.log(cfg.gamma[0]) + (math.log(cfg.gamma[1]) - math.log(cfg.gamma[0])) * u[:, sd + 3]
             gamma = torch.where(apply, torch.exp(log_g), 1.0)
-            views = adjust_gamma(adjust_contrast(adjust_brightness(views, shift), factor), gamma)
+            views = adjust_gamma(adjust_contrast(adjust_brightness(views, bright), factor), gamma)
 
         if cfg.blur_p > 0.0 and cfg.blur_sigma[1] > 0.0:
             apply = u[:, sd + 4] < cfg.blur_p
