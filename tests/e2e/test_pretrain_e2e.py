@@ -27,11 +27,17 @@ def _rows(run):
         return list(csv.DictReader(f))
 
 
+# Views without augmentation isolate the optimisation machinery (gradients, EMA key encoder, queue) from how
+# hard the augmentation invariance is on phantoms: the loss must then fall clearly within 40 steps.
+PLAIN_VIEWS = ["--set", "views.intensity_p=0", "--set", "views.blur_p=0", "--set", "views.flip_p=0",
+               "--set", "views.crop_scale=[1.0,1.0]", "--set", "views.crop_ratio=[1.0,1.0]"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("e2e") / "run"
     assert main(["pretrain", "--method", "mocov2", "--out", str(run), "--max-steps", "40",
-                 "--lr", "0.05", *SMALL]) == 0
+                 "--lr", "0.05", *SMALL, *PLAIN_VIEWS]) == 0
     return run
 
 
@@ -52,7 +58,7 @@ def test_loss_falls(trained):
     losses = [float(r["loss"]) for r in _rows(trained)]
     # the queue (64 keys = 4 steps) is full from step 4 on; compare the first full-queue window with the last
     early, late = sum(losses[2:6]) / 4, sum(losses[-4:]) / 4
-    assert late < early - 0.1, (early, late, losses)
+    assert late < early - 0.5, (early, late, losses)
 
 
 def test_exported_encoder_loads_into_fresh_timm_model_with_same_features(trained):
