@@ -157,22 +157,26 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
     if path.suffix == ".safetensors":
         return [(path.stem, load_encoder(path))]
     if path.suffix == ".ckpt":
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        from medssl.data import open_dataset
         from medssl.engine.checkpoint import load_checkpoint
+        from medssl.engine.trainer import pretrain_indices
         from medssl.methods import DataInfo, get_method
         from medssl.nn.backbones import Encoder
 
         ckpt = load_checkpoint(path)
         cfg = build_config(ckpt["config"])
-        from medssl.data import open_dataset
-
         ds = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task)
-        info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims, image_size=int(cfg.data.image_size or ds.image_size),
-                        num_samples=int(ckpt["model"]["queue"].shape[0]) if "queue" in ckpt["model"] else len(ds))
+        info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
+                        image_size=int(cfg.data.image_size or ds.image_size),
+                        num_samples=len(pretrain_indices(ds, cfg.data.split)))
         method = get_method(cfg.method_name)(cfg, info)
-        method.load_state_dict(ckpt["model"])
-        del run
-        return [(f"{cfg.method_name}@{ckpt['step']}", Encoder(mod).eval()) for mod in method.encoders().values()]
+        try:
+            method.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path}: does not fit its own config: {e}") from None
+        encs = method.encoders()
+        return [(f"{cfg.method_name}@{ckpt['step']}" + (f":{n}" if len(encs) > 1 else ""), Encoder(m).eval())
+                for n, m in encs.items()]
     raise ConfigError(f"--checkpoint {path}: expected an encoder .safetensors or a training .ckpt")
 
 

@@ -32,7 +32,7 @@ def save_encoder(module: nn.Module, path: str | Path, meta: dict[str, str]) -> P
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     metadata = {
-        "format": "timm",
+        "format": "timm",  # the method's meta may name another layout (3D backbones)
         "medssl_version": medssl.__version__,
         "input_range": "[0,1]",
         "normalize": f"(x - {MEAN}) / {STD}",

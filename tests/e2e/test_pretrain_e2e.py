@@ -121,3 +121,49 @@ def test_resume_refuses_changed_config(tmp_path):
                  "--set", "method.temperature=0.5", "--quiet"]) == 2
     assert main(["pretrain", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "3", "--quiet"]) == 0
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt")["step"] == 3
+
+
+def test_evaluate_from_training_checkpoint_matches_exported_encoder(trained, tmp_path):
+    from medssl.api import _checkpoint_encoders
+    from medssl.export import load_encoder
+
+    (_, from_ckpt), = _checkpoint_encoders(trained / "checkpoints" / "last.ckpt")
+    exported = load_encoder(trained / "encoder.safetensors")
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(from_ckpt(x), exported(x), atol=1e-6)
+
+
+def test_cifar_stem_export_rebuilds(tmp_path):
+    from medssl.export import load_encoder, read_metadata
+
+    run = pretrain("mocov2", data="phantom2d:64", out=tmp_path / "c", image_size=32, batch_size=16, max_steps=1,
+                   progress=False, overrides=["method.queue_size=32", "model.stem=cifar"])
+    meta = read_metadata(run / "encoder.safetensors")
+    assert meta["stem"] == "cifar" and meta["model_name"] == "resnet18"
+    enc = load_encoder(run / "encoder.safetensors")
+    assert enc.backbone.conv1.kernel_size == (3, 3) and enc.backbone.conv1.stride == (1, 1)
+    # the three lines from the docs rebuild it in plain timm
+    sd = st.load_file(str(run / "encoder.safetensors"))
+    m = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    m.conv1 = torch.nn.Conv2d(1, m.conv1.out_channels, 3, 1, 1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    m.load_state_dict(sd, strict=True)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(m.eval()((x - 0.5) / 0.5), enc(x), atol=1e-6)
+
+
+def test_3d_pretrain_and_evaluate_on_phantom3d(tmp_path):
+    from medssl.api import evaluate
+    from medssl.export import load_encoder
+
+    run = pretrain("mocov2", data="phantom3d:64", out=tmp_path / "v", batch_size=8, max_steps=2, progress=False,
+                   overrides=["method.queue_size=16", "model.backbone=resnet10_3d", "views.flip_axes=[-1,-2,-3]"])
+    enc = load_encoder(run / "encoder.safetensors")
+    with torch.no_grad():
+        assert enc(torch.rand(2, 1, 32, 32, 32)).shape == (2, 512)
+    res = evaluate("phantom3d:64", tmp_path / "ev", run=run, protocol="knn", label_fractions=(1.0,), seeds=(0,),
+                   progress=False)
+    auc = res["rows"][0]["metrics"]["auc_macro"]
+    assert 0.0 <= auc <= 1.0  # defined: both classes present in the 3D test split

@@ -167,6 +167,7 @@ class MoCoV2(Method):
     def export_meta(self) -> dict[str, dict[str, str]]:
         return {
             "backbone": {
+                "format": "timm" if self.spatial_dims == 2 else "medssl-resnet3d (torchvision/MONAI ResNet key layout)",
                 "model_name": self.backbone_name,
                 "in_chans": str(self.in_chans),
                 "image_size": str(self.image_size),

@@ -97,9 +97,14 @@ class ResNet3d(nn.Module):
 def build_backbone_3d(name: str, *, in_chans: int, stem: str = "default") -> ResNet3d:
     """Build a 3D backbone by name (``resnet10_3d``, ``resnet18_3d``, ``resnet34_3d``).
 
+    A 2D name with a 3D counterpart (``resnet18`` → ``resnet18_3d``) selects the counterpart, so the default
+    backbone works on volumes too.
+
     Raises:
         ConfigError: for an unknown name, listing the valid ones.
     """
+    if name not in RESNET3D_LAYERS and f"{name}_3d" in RESNET3D_LAYERS:
+        name = f"{name}_3d"
     if name not in RESNET3D_LAYERS:
         raise ConfigError(
             f"backbone '{name}' has no 3D version; 3D data needs one of {', '.join(RESNET3D_LAYERS)}"
