@@ -68,28 +68,22 @@ def _quiet_lightning() -> None:
 
 def _make_fabric(cfg: PretrainConfig) -> Any:
     from lightning.fabric import Fabric
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {PRECISIONS}, got '{t.precision}'")
     precision = "32-true" if t.precision in ("32", "32-true") else t.precision
-    accelerator = t.accelerator
-    if precision == "bf16-mixed" and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
+    if precision == "bf16-mixed" and t.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
         log.warning("bf16-mixed on CPU: autocast runs, but expect no speed-up")
     strategy = "ddp" if (t.devices > 1 or t.num_nodes > 1) else "auto"
     try:
-        return Fabric(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision)
-    except (ValueError, RuntimeError, MisconfigurationErrorType()) as e:
-        raise ConfigError(f"cannot set up devices={t.devices} accelerator={accelerator} precision={t.precision}: {e}") from None
-
-
-def MisconfigurationErrorType() -> type[Exception]:  # noqa: N802 - returns an exception class
-    try:
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        return MisconfigurationException
-    except ImportError:  # pragma: no cover
-        return ValueError
+        return Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+                      precision=precision)
+    except (ValueError, RuntimeError, MisconfigurationException) as e:
+        raise ConfigError(
+            f"cannot set up devices={t.devices} accelerator={t.accelerator} precision={t.precision}: {e}"
+        ) from None
 
 
 def pretrain_indices(dataset: Any, split: str) -> np.ndarray:
