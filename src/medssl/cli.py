@@ -127,7 +127,10 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
         progress=not a.quiet, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
         epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, seed=a.seed, devices=a.devices, precision=a.precision,
     )
-    print(f"run written to {run}")
+    from medssl.engine.distributed import rank
+
+    if rank() == 0:
+        print(f"run written to {run}")
     return 0
 
 

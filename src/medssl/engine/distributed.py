@@ -64,6 +64,15 @@ def gather(x: torch.Tensor, *, with_grad: bool = True) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` (pickled), in rank order; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (no gradient)."""
     if not is_distributed():

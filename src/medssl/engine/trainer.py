@@ -22,6 +22,7 @@ import torch
 
 from medssl.config import PretrainConfig, save_config
 from medssl.engine import checkpoint as ckpt_utils
+from medssl.engine import distributed as dist_utils
 from medssl.engine.logging import MetricsCSV, Progress
 from medssl.engine.optim import build_optimizer, build_scheduler
 from medssl.engine.sampler import ResumableBatchSampler
@@ -224,7 +225,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     bar = Progress(total_steps, start_step=step, enabled=progress and fabric.is_global_zero)
 
     def save_checkpoint() -> None:
-        rngs = fabric.all_gather_object(ckpt_utils.rng_state()) if fabric.world_size > 1 else [ckpt_utils.rng_state()]
+        rngs = dist_utils.all_gather_object(ckpt_utils.rng_state())
         if fabric.is_global_zero:
             ckpt_utils.atomic_save(
                 {

@@ -65,7 +65,7 @@ class MoCoV2(Method):
     name = "mocov2"
     description = "MoCo v2: momentum encoder + queue of negatives, InfoNCE (He et al. 2020; Chen et al. 2020)"
     config_cls = MoCoV2Config
-    default_lr = 0.06
+    default_lr = 0.03
     default_optimizer = "sgd"
     paper = "Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv 2003.04297"
     view_spec = ViewSpec(num_views=2)
