@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from medssl.errors import ConfigError
+from medssl.transforms.views import ViewConfig
 
 
 @dataclass
@@ -56,23 +57,6 @@ class DataConfig:
     task: str | None = None
     num_workers: int = 0
     split: str = "train"
-
-
-@dataclass
-class ViewsConfig:
-    """Augmentation parameters of the contrastive views (see docs/augmentations.md)."""
-
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    flip_p: float = 0.5
-    flip_axes: tuple[int, ...] = (-1,)
-    intensity_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    gamma: tuple[float, float] = (0.7, 1.4)
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    noise_std: float = 0.0
 
 
 @dataclass
@@ -142,7 +126,7 @@ class PretrainConfig:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "mocov2"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -26,7 +26,7 @@ from medssl.nn.backbones import build_backbone, feature_dim
 from medssl.nn.ema import ema_update, make_ema_copy
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
-from medssl.transforms.views import ViewConfig, ViewSampler
+from medssl.transforms.views import ViewSampler
 
 
 @dataclass
@@ -52,10 +52,6 @@ class MoCoV2Config(MethodConfig):
     proj_hidden: int = 0
     symmetric: bool = True
     shuffle_bn: bool = True
-
-
-def _view_config(views: Any) -> ViewConfig:
-    return ViewConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(views).items()})
 
 
 @register
@@ -94,7 +90,7 @@ class MoCoV2(Method):
         self.queue_size = min(m.queue_size, max(data.num_samples, 1))
         self.register_buffer("queue", F.normalize(torch.randn(self.queue_size, m.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.views = ViewSampler(_view_config(cfg.views), data.image_size, data.spatial_dims)
+        self.views = ViewSampler(cfg.views, data.image_size, data.spatial_dims)
         self._pending_keys: torch.Tensor | None = None
 
     # -- encoders -----------------------------------------------------------------------------------
