@@ -256,7 +256,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 batch = {k: v.to(fabric.device, non_blocking=True) for k, v in batch.items()}
                 out = model(batch)
                 loss = out.loss
-                if not torch.isfinite(loss.detach()):
+                finite = torch.isfinite(loss.detach()).float()
+                if fabric.world_size > 1:  # every rank must skip together, or DDP's gradient all-reduce hangs
+                    finite = fabric.all_reduce(finite, reduce_op="min")
+                if not bool(finite):
                     bad_steps += 1
                     for opt in fab_opts.values():
                         opt.zero_grad(set_to_none=True)
