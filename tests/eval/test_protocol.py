@@ -154,3 +154,25 @@ def test_features_from_dataset_end_to_end() -> None:
     assert fs.class_names == ["benign", "malignant"]
     rows = run_protocol(fs, "linear", [1.0], [0])
     assert rows[0]["n_train"] == 20
+
+
+def test_identical_subsets_across_seeds_are_not_refitted(monkeypatch):
+    from medssl.eval import protocol as proto
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = np.repeat(np.arange(2), 30)
+    fs = proto.FeatureSet(train_x=x, train_y=y, test_x=x, test_y=y, num_classes=2)
+    calls = []
+    original = proto.PROTOCOLS["knn"]
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(proto.PROTOCOLS, "knn", counting)
+    rows = proto.run_protocol(fs, "knn", [0.5, 1.0], [0, 1, 2])
+    assert len(calls) == 3 + 1  # three different 50 % subsets, one 100 % subset shared by all seeds
+    full = [r for r in rows if r["label_fraction"] == 1.0]
+    assert all(r["metrics"] == full[0]["metrics"] for r in full)
+    assert any("reused" in n for n in full[1]["notes"])
