@@ -39,7 +39,7 @@ def make_config(
     """Build a resolved config from a recipe, explicit arguments and ``key=value`` overrides (in that order).
 
     ``flags`` are the CLI's named options: backbone, image_size, batch_size, epochs, max_steps, lr, seed,
-    devices, precision (``None`` = not given).
+    devices, precision, skip_bad (``None`` = not given).
     """
     layers: list[dict[str, Any]] = [base or {}]
     if config is not None:
@@ -68,6 +68,7 @@ def make_config(
     put("train", "seed", flags.pop("seed", None))
     put("train", "devices", flags.pop("devices", None))
     put("train", "precision", flags.pop("precision", None))
+    put("data", "skip_bad", flags.pop("skip_bad", None) or None)
     if flags:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(flags))}")
     layers.append(explicit)
@@ -114,7 +115,7 @@ def pretrain(
         resume: continue the run in ``out`` from its last checkpoint.
         force: accept config changes on resume.
         progress: show progress.
-        **flags: backbone, image_size, batch_size, epochs, max_steps, lr, seed, devices, precision.
+        **flags: backbone, image_size, batch_size, epochs, max_steps, lr, seed, devices, precision, skip_bad.
     """
     from medssl.engine.trainer import pretrain as _pretrain
 
@@ -166,6 +167,10 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
         ckpt = load_checkpoint(path)
         cfg = build_config(ckpt["config"])
         ds = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task)
+        if cfg.data.skip_bad:
+            from medssl.data.manifest import drop_bad
+
+            ds = drop_bad(ds)
         info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
                         image_size=int(cfg.data.image_size or ds.image_size),
                         num_samples=len(pretrain_indices(ds, cfg.data.split)))

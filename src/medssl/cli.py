@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--devices", type=_positive_int, help="devices (GPUs, or CPU processes); >1 uses DDP")
     pre.add_argument("--precision", choices=["32", "bf16-mixed"])
     pre.add_argument("--quiet", action="store_true", help="no progress output")
+    pre.add_argument("--skip-bad", action="store_true",
+                     help="read every image once first and skip unreadable ones (listed in RUN/skipped.csv)")
 
     ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
     ev.add_argument("--run", help="run directory of a pretraining run")
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=256)
     ev.add_argument("--device", help="cpu / cuda (default: cuda if available)")
     ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
+
+    ins = sub.add_parser("inspect", help="summarise a dataset and list every unreadable or inconsistent file "
+                         "(exit code 1 if there is any)")
+    ins.add_argument("--data", required=True, help=_data_help())
+    ins.add_argument("--task", help="label task where the dataset has several")
+    ins.add_argument("--image-size", type=_positive_int)
 
     sub.add_parser("methods", help="list the registered methods")
 
@@ -126,6 +134,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
         a.method, a.data, a.out, config=a.config, overrides=a.overrides, resume=a.resume, force=a.force,
         progress=not a.quiet, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
         epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, seed=a.seed, devices=a.devices, precision=a.precision,
+        skip_bad=a.skip_bad,
     )
     from medssl.engine.distributed import rank
 
@@ -147,6 +156,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from medssl.data.inspect import format_report, inspect_data
+
+    report = inspect_data(a.data, task=a.task, image_size=a.image_size)
+    print(format_report(report))
+    return 1 if report.bad else 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from medssl.demo import run_demo
 
@@ -162,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"methods": lambda: _cmd_methods(), "pretrain": lambda: _cmd_pretrain(args),
-                "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args)}
+                "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args),
+                "inspect": lambda: _cmd_inspect(args)}
     try:
         return handlers[args.command]()
     except MedsslError as e:

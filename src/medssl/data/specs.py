@@ -24,11 +24,14 @@ SPEC_HELP: str = (
     "lesion masks), 'npz:PATH' (MedMNIST-layout .npz with train/val/test _images and _labels), or "
     "'folder:DIR' (PNG/JPEG/TIFF/BMP images found recursively; class = top-level sub-folder name if "
     "there are sub-folders, else unlabelled; padded to square and resized to 224 unless --image-size "
-    "is given). Splits are patient-level 70/10/20 unless the source defines them (npz keys). The "
+    "is given), 'csv:FILE.csv' (manifest: 'path' relative to the CSV, optional 'label' or 'label:<name>' "
+    "0/1 columns, 'patient_id', 'split'; PNG/JPEG/TIFF, DICOM, NIfTI, MHA/NRRD; 2D resized to 224, 3D to "
+    "64 by default), 'volumes:FILE.csv' (the same for 3D files only), or 'isic2017:ROOT' (ISIC 2017 "
+    "release folders; tasks melanoma (default) and seborrheic_keratosis; lesion masks). Splits are patient-level 70/10/20 unless the source defines them (npz keys). The "
     "phantoms are synthetic test data, not a substitute for real images."
 )
 
-_VALID = "phantom2d[:N], phantom3d[:N], npz:PATH, folder:DIR"
+_VALID = "phantom2d[:N], phantom3d[:N], npz:PATH, folder:DIR, csv:FILE.csv, volumes:FILE.csv, isic2017:ROOT"
 
 
 def _parse_count(spec: str, text: str) -> int:
@@ -79,11 +82,36 @@ def _open_folder(
     )
 
 
+def _open_manifest(require_3d: bool) -> Callable[[str, str | None, int | None, str | None, int], ImageDataset]:
+    def opener(
+        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+    ) -> ImageDataset:
+        from .manifest import CsvDataset
+
+        return CsvDataset(
+            _require_arg(spec, arg, "FILE.csv"), image_size=image_size, task=task, seed=seed, name=spec,
+            require_3d=require_3d,
+        )
+
+    return opener
+
+
+def _open_isic2017(
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+) -> ImageDataset:
+    from .isic import Isic2017Dataset
+
+    return Isic2017Dataset(_require_arg(spec, arg, "ROOT"), image_size=image_size, task=task, name=spec)
+
+
 _OPENERS: dict[str, Callable[[str, str | None, int | None, str | None, int], ImageDataset]] = {
     "phantom2d": _open_phantom("phantom2d"),
     "phantom3d": _open_phantom("phantom3d"),
     "npz": _open_npz,
     "folder": _open_folder,
+    "csv": _open_manifest(require_3d=False),
+    "volumes": _open_manifest(require_3d=True),
+    "isic2017": _open_isic2017,
 }
 
 
@@ -93,10 +121,12 @@ def open_dataset(
     """Opens the dataset a spec string names.
 
     Args:
-        spec: ``"phantom2d"``, ``"phantom2d:N"``, ``"phantom3d"``, ``"phantom3d:N"``, ``"npz:PATH"`` or
-            ``"folder:DIR"`` (see :data:`SPEC_HELP`).
+        spec: ``"phantom2d"``, ``"phantom2d:N"``, ``"phantom3d"``, ``"phantom3d:N"``, ``"npz:PATH"``,
+            ``"folder:DIR"``, ``"csv:FILE.csv"``, ``"volumes:FILE.csv"`` or ``"isic2017:ROOT"`` (see
+            :data:`SPEC_HELP`).
         image_size: Side length of the items; ``None`` for the dataset's native size (phantom2d 64,
-            phantom3d 32, npz its stored size, folder 224). Phantoms are rendered at that size, files
+            phantom3d 32, npz its stored size, folder, csv and isic2017 224,
+            volumes 64). Phantoms are rendered at that size, files
             are resized.
         task: Labelling task for datasets with several (``None``: the default task).
         seed: Seed of the phantom generator and of patient-level splits (npz splits come from the file).

@@ -1,0 +1,192 @@
+"""``medssl inspect``: what a data spec holds, and every file that cannot be read.
+
+:func:`inspect_data` opens the dataset, then reads every item once: through
+:func:`medssl.data.readers.read_file` where the dataset is backed by files (the dataset's ``item_files(i)``
+where it has one -- e.g. an ISIC image and its mask -- else its ``sources`` when they are files), otherwise
+(phantoms, npz) through the dataset's own items. It gathers shapes, voxel spacings, bit depths,
+modalities and intensity ranges, and lists every unreadable or inconsistent file (wrong number of spatial
+dimensions for the dataset, unsupported channel count, non-finite values, a mask whose shape differs from
+its image) with the reason. :func:`format_report` renders the text the CLI prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl.errors import DataError
+
+from .base import ImageDataset
+from .splits import SPLIT_NAMES
+
+
+@dataclass
+class InspectReport:
+    """What :func:`inspect_data` found.
+
+    Attributes:
+        summary: :meth:`ImageDataset.describe` of the dataset.
+        files_read: Number of files (or in-memory items) read.
+        shapes: Count per array shape (channels first, original size).
+        spacings: Count per voxel spacing (``"none"`` when the file has none).
+        bit_depths: Count per stored bit depth (``"none"`` when unknown).
+        modalities: Count per modality (``"none"`` when unknown).
+        intensity_min: Smallest value seen (original units), ``None`` when nothing was read.
+        intensity_max: Largest value seen (original units).
+        bad: ``(file, reason)`` for every unreadable or inconsistent file.
+    """
+
+    summary: dict[str, Any]
+    files_read: int = 0
+    shapes: Counter = field(default_factory=Counter)
+    spacings: Counter = field(default_factory=Counter)
+    bit_depths: Counter = field(default_factory=Counter)
+    modalities: Counter = field(default_factory=Counter)
+    intensity_min: float | None = None
+    intensity_max: float | None = None
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    def _range(self, array: np.ndarray) -> None:
+        lo, hi = float(np.min(array)), float(np.max(array))
+        self.intensity_min = lo if self.intensity_min is None else min(self.intensity_min, lo)
+        self.intensity_max = hi if self.intensity_max is None else max(self.intensity_max, hi)
+
+
+def _files_of(dataset: ImageDataset) -> Any:
+    item_files = getattr(dataset, "item_files", None)
+    if callable(item_files):
+        return item_files
+    if len(dataset) and all(Path(s).is_file() for s in dataset.sources):
+        return lambda i: [dataset.sources[i]]
+    return None
+
+
+def _fmt_spacing(spacing: Any) -> str:
+    if spacing is None:
+        return "none"
+    return "(" + ", ".join(f"{float(s):.3g}" for s in spacing) + ")"
+
+
+def _check_file(
+    report: InspectReport,
+    dataset: ImageDataset,
+    path: str,
+    image_shape: tuple[int, ...] | None,
+    is_mask: bool,
+) -> tuple[int, ...] | None:
+    from .manifest import read_result
+
+    try:
+        result = read_result(path)
+    except DataError as exc:
+        report.bad.append((path, str(exc)))
+        return None
+    report.files_read += 1
+    array = np.asarray(result.array)
+    report.shapes[tuple(int(s) for s in array.shape)] += 1
+    report.spacings[_fmt_spacing(result.spacing)] += 1
+    report.bit_depths["none" if result.bit_depth is None else str(result.bit_depth)] += 1
+    report.modalities[result.modality or "none"] += 1
+    problems = []
+    if int(result.spatial_dims) != dataset.spatial_dims:
+        problems.append(f"{result.spatial_dims}D, but the dataset is {dataset.spatial_dims}D")
+    if not is_mask and array.shape[0] not in (1, 2, 3, 4):
+        problems.append(f"{array.shape[0]} channels (expected gray or RGB)")
+    if array.size == 0:
+        problems.append("empty image")
+    elif not np.isfinite(array).all():
+        problems.append("non-finite values (NaN or inf)")
+    elif not is_mask:
+        report._range(array)
+    spatial = tuple(int(s) for s in array.shape[1:])
+    if is_mask and image_shape is not None and spatial != image_shape:
+        problems.append(f"mask shape {spatial} differs from its image's {image_shape}")
+    if problems:
+        report.bad.append((path, "inconsistent: " + "; ".join(problems)))
+    return spatial
+
+
+def inspect_data(spec: str, task: str | None = None, image_size: int | None = None) -> InspectReport:
+    """Opens ``spec`` and reads every item once (see the module docstring).
+
+    Raises:
+        DataError: If the spec itself is invalid (unknown prefix, missing manifest, ...); unreadable files
+            are reported in :attr:`InspectReport.bad` instead.
+    """
+    from .specs import open_dataset
+
+    dataset = open_dataset(spec, image_size=image_size, task=task)
+    report = InspectReport(summary=dataset.describe())
+    files_of = _files_of(dataset)
+    for i in range(len(dataset)):
+        if files_of is not None:
+            image_shape = None
+            for k, path in enumerate(files_of(i)):
+                shape = _check_file(report, dataset, str(path), image_shape, is_mask=k > 0)
+                if k == 0:
+                    image_shape = shape
+            continue
+        try:
+            item = dataset[i]
+        except DataError as exc:
+            report.bad.append((dataset.sources[i], str(exc)))
+            continue
+        image = item["image"].numpy()  # type: ignore[union-attr]
+        report.files_read += 1
+        report.shapes[tuple(int(s) for s in image.shape)] += 1
+        report.spacings["none"] += 1
+        report.bit_depths["none"] += 1
+        report.modalities["none"] += 1
+        report._range(image)
+    return report
+
+
+def _counts(counter: Counter) -> str:
+    if not counter:
+        return "-"
+    return ", ".join(f"{k if isinstance(k, str) else str(k)} x{n}" for k, n in counter.most_common())
+
+
+def format_report(report: InspectReport) -> str:
+    """The plain-text report ``medssl inspect`` prints."""
+    s = report.summary
+    lines = [
+        f"data: {s['name']}",
+        f"items: {s['num_items']}  patients: {s['num_patients']}  {s['spatial_dims']}D  channels: {s['in_chans']}  "
+        f"image size: {s['image_size']}  masks: {'yes' if s['has_masks'] else 'no'}",
+        "splits: "
+        + ", ".join(
+            f"{sp} {s['split_counts'][sp]} ({s['split_patients'][sp]} patients)" for sp in SPLIT_NAMES
+        ),
+    ]
+    if s["label_counts"] is None:
+        lines.append("labels: none (unlabelled)")
+    else:
+        kind = "multi-label, positives per class" if s["multilabel"] else "classes"
+        lines.append(
+            f"task: {s['task']} (tasks: {', '.join(s['tasks'])}); {kind}: {', '.join(s['class_names'])}"
+        )
+        for part in ("all", *SPLIT_NAMES):
+            counts = ", ".join(f"{k}: {v}" for k, v in s["label_counts"][part].items())
+            lines.append(f"  labels {part}: {counts}")
+    lines += [
+        f"read: {report.files_read} file(s)/item(s)",
+        f"shapes (original): {_counts(report.shapes)}",
+        f"spacings: {_counts(report.spacings)}",
+        f"bit depths: {_counts(report.bit_depths)}",
+        f"modalities: {_counts(report.modalities)}",
+    ]
+    if report.intensity_min is not None:
+        lines.append(
+            f"intensity range (original units): {report.intensity_min:g} .. {report.intensity_max:g}"
+        )
+    if report.bad:
+        lines.append(f"unreadable or inconsistent files: {len(report.bad)}")
+        lines += [f"  {path}: {reason}" for path, reason in report.bad]
+    else:
+        lines.append("all files readable")
+    return "\n".join(lines)
