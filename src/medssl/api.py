@@ -39,7 +39,7 @@ def make_config(
     """Build a resolved config from a recipe, explicit arguments and ``key=value`` overrides (in that order).
 
     ``flags`` are the CLI's named options: backbone, image_size, batch_size, epochs, max_steps, lr, seed,
-    devices, precision, skip_bad (``None`` = not given).
+    devices, precision, skip_bad, splits, cache (``None`` = not given).
     """
     layers: list[dict[str, Any]] = [base or {}]
     if config is not None:
@@ -69,6 +69,8 @@ def make_config(
     put("train", "devices", flags.pop("devices", None))
     put("train", "precision", flags.pop("precision", None))
     put("data", "skip_bad", flags.pop("skip_bad", None) or None)
+    put("data", "splits", flags.pop("splits", None))
+    put("data", "cache", flags.pop("cache", None))
     if flags:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(flags))}")
     layers.append(explicit)
@@ -158,7 +160,7 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
     if path.suffix == ".safetensors":
         return [(path.stem, load_encoder(path))]
     if path.suffix == ".ckpt":
-        from medssl.data import open_dataset
+        from medssl.data.specs import open_from_config
         from medssl.engine.checkpoint import load_checkpoint
         from medssl.engine.trainer import pretrain_indices
         from medssl.methods import DataInfo, get_method
@@ -166,7 +168,7 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
 
         ckpt = load_checkpoint(path)
         cfg = build_config(ckpt["config"])
-        ds = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task)
+        ds = open_from_config(cfg.data, cache=False)
         if cfg.data.skip_bad:
             from medssl.data.manifest import drop_bad
 
@@ -203,8 +205,13 @@ def evaluate(
     batch_size: int = 256,
     device: str | None = None,
     progress: bool = True,
+    splits_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate encoders on a labelled dataset at several label fractions and seeds.
+
+    The train/val/test assignment and every label-fraction subset used are written to ``out/splits.csv``;
+    ``splits_file`` (``--splits``) makes the dataset use the splits of such a file (or of a run's
+    ``splits.csv``). The run's data settings (intensity, cache) apply when a run is given.
 
     Encoders come from a run directory, an exported ``encoder.safetensors`` / training checkpoint, and/or a
     random initialisation (``init="random"``); several sources in one call give one comparison table.
@@ -215,7 +222,11 @@ def evaluate(
     """
     import torch
 
-    from medssl.data import open_dataset
+    import numpy as np
+
+    from medssl.config import DataConfig, build_dataclass
+    from medssl.data.specs import open_from_config
+    from medssl.data.splits import stratified_fraction, write_split_manifest
     from medssl.eval.features import extract_features
     from medssl.eval.protocol import FeatureSet, run_protocol
     from medssl.eval.results import format_table, summarize, write_results
@@ -237,8 +248,11 @@ def evaluate(
         encoders += _checkpoint_encoders(Path(checkpoint))
     model_cfg = run_cfg.get("model", {})
     size = image_size or (run_cfg.get("data", {}) or {}).get("image_size")
-    ds = open_dataset(data, image_size=size, task=task)
-    if ds.labels is None:
+    data_section = {k: v for k, v in (run_cfg.get("data", {}) or {}).items() if k in ("intensity", "cache", "cache_dir")}
+    dcfg = build_dataclass(DataConfig, {**data_section, "spec": data, "image_size": size, "task": task,
+                                        "splits": str(splits_file) if splits_file else None}, where="data")
+    ds = open_from_config(dcfg)
+    if ds.labels is None and protocol != "collapse":
         raise ConfigError(f"data {data}: has no labels; evaluation needs a labelled dataset")
     if inits:
         encoders.append((
@@ -246,9 +260,16 @@ def evaluate(
             random_encoder(
                 backbone or model_cfg.get("backbone", "resnet18"), in_chans=ds.in_chans, image_size=ds.image_size,
                 stem=stem or model_cfg.get("stem", "default"), spatial_dims=ds.spatial_dims, seed=0,
+                patch_size=model_cfg.get("patch_size"),
             ),
         ))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if protocol == "collapse":  # spectrum, effective rank and std of the features of every image; no labels
+        from medssl.eval.collapse import evaluate_collapse
+
+        meta = {"data": data, "encoders": [e for e, _ in encoders], "run": str(run) if run else None,
+                "checkpoint": str(checkpoint) if checkpoint else None}
+        return evaluate_collapse(encoders, ds, out, batch_size=batch_size, device=dev, meta=meta, progress=progress)
     splits = {s: ds.indices(s) for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise ConfigError(f"data {data}: needs non-empty train and test splits")
@@ -276,5 +297,8 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out, meta=meta)
+    subsets = {f"subset:{f:g}:seed{sd}": splits["train"][np.asarray(stratified_fraction(ds.labels[splits["train"]], f, sd, 1))]
+               for f in label_fractions for sd in seeds}
+    write_split_manifest(ds, out / "splits.csv", subsets)
     summary = summarize(rows)
     return {"rows": rows, "summary": summary, "table": format_table(summary)}

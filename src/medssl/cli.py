@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--devices", type=_positive_int, help="devices (GPUs, or CPU processes); >1 uses DDP")
     pre.add_argument("--precision", choices=["32", "bf16-mixed"])
     pre.add_argument("--quiet", action="store_true", help="no progress output")
+    pre.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of an earlier run) to reuse")
+    pre.add_argument("--no-cache", action="store_true", help="do not cache decoded files (data.cache=false)")
     pre.add_argument("--skip-bad", action="store_true",
                      help="read every image once first and skip unreadable ones (listed in RUN/skipped.csv)")
 
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--init", action="append", choices=["random"], help="baseline initialisation (repeatable)")
     ev.add_argument("--data", required=True, help=_data_help())
     ev.add_argument("--task", help="label task where the dataset has several")
-    ev.add_argument("--protocol", default="linear", choices=["linear", "knn"])
+    ev.add_argument("--protocol", default="linear", choices=["linear", "knn", "collapse"],
+                    help="linear / knn probes, or collapse: spectrum + effective rank + std of the features (and a plot)")
     ev.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
     ev.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     ev.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit, both)")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=256)
     ev.add_argument("--device", help="cpu / cuda (default: cuda if available)")
     ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
+    ev.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of a run or evaluation) to reuse")
 
     ins = sub.add_parser("inspect", help="summarise a dataset and list every unreadable or inconsistent file "
                          "(exit code 1 if there is any)")
@@ -134,7 +138,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
         a.method, a.data, a.out, config=a.config, overrides=a.overrides, resume=a.resume, force=a.force,
         progress=not a.quiet, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
         epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, seed=a.seed, devices=a.devices, precision=a.precision,
-        skip_bad=a.skip_bad,
+        skip_bad=a.skip_bad, splits=a.splits, cache=False if a.no_cache else None,
     )
     from medssl.engine.distributed import rank
 
@@ -149,7 +153,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     res = evaluate(
         a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, protocol=a.protocol,
         label_fractions=a.label_fractions, seeds=a.seeds, task=a.task, encoder=a.encoder, backbone=a.backbone,
-        image_size=a.image_size, batch_size=a.batch_size, device=a.device,
+        image_size=a.image_size, batch_size=a.batch_size, device=a.device, splits_file=a.splits,
     )
     print(res["table"])
     print(f"results written to {Path(a.out) / 'results.json'} and results.md")

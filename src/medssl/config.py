@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from medssl.errors import ConfigError
+from medssl.data.readers import IntensityConfig
 from medssl.transforms.views import ViewConfig
 
 
@@ -33,11 +34,15 @@ class ModelConfig:
         stem: ``default`` keeps timm's stem; ``cifar`` replaces a ResNet stem by a 3x3 stride-1 convolution
             without max-pool, for small inputs (28-64 px) where the default stem throws away 4x resolution.
         pretrained: load ImageNet weights through timm (needs network access).
+        patch_size: ViT patch side in pixels / voxels; ``None`` = the model's own (masked-image methods pick
+            a smaller one for small images and record it here, see
+            :func:`medssl.nn.masked_vit.resolve_patch_size`). Ignored by CNNs.
     """
 
     backbone: str = "resnet18"
     stem: str = "default"
     pretrained: bool = False
+    patch_size: int | None = None
 
 
 @dataclass
@@ -50,6 +55,14 @@ class DataConfig:
         task: the label task where a dataset has several.
         num_workers: DataLoader worker processes.
         split: which split pretraining reads (``train`` or ``all``; unlabelled SSL may use every image except test).
+        skip_bad: read every item once before training and drop the unreadable ones (listed in
+            ``RUN/skipped.csv``) instead of failing on the first.
+        intensity: how file values map to ``[0, 1]`` (windowing, percentile clipping, z-score) for datasets
+            read from DICOM / NIfTI / MHA / image files; recorded with the run.
+        cache: cache decoded, preprocessed items on disk (file-backed datasets; see ``medssl.data.cache``).
+        cache_dir: where; ``None`` = ``$MEDSSL_CACHE_DIR`` or ``~/.cache/medssl/items``.
+        splits: a split manifest (``splits.csv`` of an earlier run) whose train/val/test assignment replaces
+            the dataset's own.
     """
 
     spec: str = "phantom2d"
@@ -57,14 +70,29 @@ class DataConfig:
     task: str | None = None
     num_workers: int = 0
     split: str = "train"
+    skip_bad: bool = False
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    cache: bool = True
+    cache_dir: str | None = None
+    splits: str | None = None
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule.
 
+    A method that trains several networks with their own optimisers (CASS: ``cnn`` and ``vit``, see
+    :meth:`medssl.methods.base.Method.parameter_sets`) gets one optimiser + schedule per parameter set, all
+    built from these settings; ``sets`` overrides any of them for one set::
+
+        optim:
+          name: adamw
+          lr: 1.0e-3
+          sets:
+            vit: {lr: 5.0e-4, weight_decay: 0.05}
+
     Attributes:
-        name: ``sgd`` or ``adamw``.
+        name: ``sgd`` or ``adamw``; ``None`` = the method's default (filled in when the config is built).
         lr: peak learning rate (after warm-up). ``None`` = the method's default.
         weight_decay: applied to weights only, never to norms and biases.
         momentum: SGD momentum.
@@ -72,10 +100,12 @@ class OptimConfig:
         warmup_steps: linear warm-up length; ``None`` = ``warmup_fraction`` of the run.
         warmup_fraction: warm-up as a fraction of the total steps when ``warmup_steps`` is None.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
-        grad_clip: clip the global gradient norm to this value (0 = off).
+        grad_clip: clip the gradient norm of each optimiser's parameters to this value (0 = off).
+        sets: per parameter set, overrides of the fields above (``{set name: {field: value}}``). Set names
+            are checked against the method's sets when training starts.
     """
 
-    name: str = "sgd"
+    name: str | None = None
     lr: float | None = None
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -84,6 +114,27 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Validate every per-set override (unknown keys and wrong types are errors, like everywhere else)."""
+        for name in self.sets:
+            self.for_set(name)
+
+    def for_set(self, name: str) -> OptimConfig:
+        """The settings of parameter set ``name``: these settings with ``sets[name]`` applied (no ``sets``).
+
+        Raises:
+            ConfigError: the override is not a mapping, names an unknown field or has a value of the wrong type.
+        """
+        override = self.sets.get(name) or {}
+        where = f"optim.sets.{name}"
+        if not isinstance(override, dict):
+            raise ConfigError(f"{where}: expected a mapping of optimiser settings, got {override!r}")
+        if "sets" in override:
+            raise ConfigError(f"{where}: sets cannot be nested")
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sets"}
+        return build_dataclass(OptimConfig, {**base, **override}, where=where)
 
 
 @dataclass
@@ -103,6 +154,12 @@ class TrainConfig:
         checkpoint_every_n_steps: checkpoint cadence (0 = only at epoch end and at the end of training).
         drop_last: drop the last incomplete batch of an epoch.
         deterministic: ask torch for deterministic algorithms (slower; used by resume-equality tests).
+        collapse_every_n_steps: every this many steps (and at the last step) the effective rank and the std
+            of the embeddings a method reports (``StepOutput.embeddings``) go into metrics.csv as
+            ``<name>_eff_rank`` / ``<name>_std`` columns (:mod:`medssl.eval.collapse`); 0 = off.
+        visualize_every_n_steps: every this many steps (and at the last step) methods that draw something
+            (:meth:`medssl.methods.base.Method.visualize`: reconstructions of masked image modelling) write
+            ``RUN/reconstructions/step_XXXXXX.png``; 0 = off.
     """
 
     batch_size: int = 64
@@ -117,6 +174,8 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 0
     drop_last: bool = True
     deterministic: bool = False
+    collapse_every_n_steps: int = 50
+    visualize_every_n_steps: int = 200
 
 
 @dataclass
@@ -312,9 +371,11 @@ def build_config(*layers: dict[str, Any]) -> PretrainConfig:
     if isinstance(merged.get("method"), str):
         merged["method"] = {"name": merged["method"]}
     cfg = build_dataclass(PretrainConfig, merged)
-    from medssl.methods import resolve_method_config
+    from medssl.methods import get_method, resolve_method_config
 
     cfg.method = resolve_method_config(cfg.method)
+    if cfg.optim.name is None:
+        cfg.optim.name = get_method(cfg.method_name).default_optimizer
     return cfg
 
 

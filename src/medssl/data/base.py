@@ -156,6 +156,45 @@ class ImageDataset(Dataset):
         """
         raise NotImplementedError
 
+    # -- caching ------------------------------------------------------------------------------------------
+    _cache: Any = None
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Everything besides the source bytes that shapes an item (part of the cache key).
+
+        Subclasses with more settings (intensity mode, ROI crop ...) extend it.
+        """
+        return {"dataset": type(self).__name__, "spatial_dims": self.spatial_dims, "in_chans": self.in_chans,
+                "image_size": self.image_size, "has_masks": self.has_masks}
+
+    def enable_cache(self, root: Any) -> bool:
+        """Cache decoded items under ``root`` (see :mod:`medssl.data.cache`).
+
+        Only datasets read from files (those with ``item_files``) are cached; in-memory ones (phantoms, npz)
+        gain nothing and return ``False``.
+        """
+        if not callable(getattr(self, "item_files", None)):
+            return False
+        from .cache import ItemCache
+
+        self._cache = ItemCache(root, self.preprocessing())
+        return True
+
+    def _load_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_load` through the cache when one is enabled."""
+        cache = self._cache
+        if cache is None:
+            return self._load(index)
+        files = self.item_files(index)  # type: ignore[attr-defined]
+        got = cache.get(files, self.has_masks)
+        if got is not None:
+            image = torch.from_numpy(np.array(got[0], dtype=np.float32))
+            mask = None if got[1] is None else torch.from_numpy(np.array(got[1], dtype=np.int64))
+            return image, mask
+        image, mask = self._load(index)
+        cache.put(files, image.numpy(), None if mask is None else mask.numpy())
+        return image, mask
+
     @property
     def num_classes(self) -> int:
         """Number of classes (columns for multi-label); 0 when unlabelled."""
@@ -172,7 +211,7 @@ class ImageDataset(Dataset):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"index {index} out of range for {self.name!r} with {n} items")
-        image, mask = self._load(i)
+        image, mask = self._load_item(i)
         item: dict[str, torch.Tensor | int] = {"image": image, "index": i}
         if self.labels is not None:
             if self.multilabel:

@@ -119,6 +119,7 @@ class CsvDataset(ImageDataset):
         seed: Seed of the patient-level split when the manifest has no ``split`` column.
         name: Spec string to record (defaults to ``csv:FILE``).
         require_3d: Reject 2D files (``volumes:``).
+        intensity: :class:`~medssl.data.readers.IntensityConfig` (default: ``auto``).
 
     Attributes:
         files: Resolved path of every item.
@@ -136,7 +137,11 @@ class CsvDataset(ImageDataset):
         seed: int = 0,
         name: str | None = None,
         require_3d: bool = False,
+        intensity: Any = None,
     ) -> None:
+        from .readers import IntensityConfig
+
+        self.intensity = intensity if intensity is not None else IntensityConfig()
         self.csv_path = Path(csv_path)
         kind = "volumes" if require_3d else "csv"
         if not self.csv_path.exists():
@@ -272,6 +277,11 @@ class CsvDataset(ImageDataset):
             has_masks=False,
         )
 
+    def preprocessing(self) -> dict[str, Any]:
+        import dataclasses
+
+        return {**super().preprocessing(), "intensity": dataclasses.asdict(self.intensity)}
+
     def item_files(self, index: int) -> list[str]:
         """The files item ``index`` is read from (for ``medssl inspect``)."""
         return [str(self.files[index])]
@@ -285,7 +295,7 @@ class CsvDataset(ImageDataset):
                 f"manifest's first readable file)"
             )
         try:
-            unit = _readers().to_unit_range(result)
+            unit = self.intensity.apply(result)
         except DataError:
             raise
         except Exception as exc:
@@ -337,8 +347,15 @@ class SubsetDataset(ImageDataset):
         inner = getattr(self.base, "item_files", None)
         return inner(int(self.keep[index])) if inner else [self.sources[index]]
 
+    def preprocessing(self) -> dict[str, Any]:
+        return self.base.preprocessing()
+
+    def enable_cache(self, root: Any) -> bool:
+        """Caches through the base dataset (the same entries whether or not items were dropped)."""
+        return self.base.enable_cache(root)
+
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.base._load(int(self.keep[index]))
+        return self.base._load_item(int(self.keep[index]))
 
 
 def drop_bad(dataset: ImageDataset) -> SubsetDataset:

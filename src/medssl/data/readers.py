@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from medssl.errors import DataError
+from medssl.errors import ConfigError, DataError
 
-__all__ = ["ReadResult", "read_file", "to_unit_range", "INTENSITY_MODES", "IMAGE_SUFFIXES", "VOLUME_SUFFIXES"]
+__all__ = ["IntensityConfig", "ReadResult", "read_file", "to_unit_range", "INTENSITY_MODES", "IMAGE_SUFFIXES", "VOLUME_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -39,6 +39,40 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 INTENSITY_MODES = ("auto", "window", "percentile", "minmax", "bitdepth", "zscore")
 _MAX_CHANNELS = 4
+
+
+@dataclass
+class IntensityConfig:
+    """How file values become the model's ``[0, 1]`` input (the ``data.intensity`` section of a config).
+
+    Attributes:
+        mode: ``auto``, ``window``, ``percentile``, ``minmax``, ``bitdepth`` or ``zscore`` (see
+            :func:`to_unit_range`).
+        percentiles: Clipping percentiles of ``percentile`` mode (and of ``auto`` when it falls back to it).
+        window: ``[centre, width]`` in the file's units (e.g. ``[40, 400]`` for abdomen CT in HU); ``None`` =
+            the file's own DICOM window where it has one.
+    """
+
+    mode: str = "auto"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in INTENSITY_MODES:
+            raise ConfigError(f"data.intensity.mode must be one of {', '.join(INTENSITY_MODES)}, got '{self.mode}'")
+        pct = tuple(float(v) for v in self.percentiles)
+        if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+            raise ConfigError(f"data.intensity.percentiles must be [low, high] with 0 <= low < high <= 100, got {self.percentiles}")
+        self.percentiles = pct  # type: ignore[assignment]
+        if self.window is not None:
+            win = tuple(float(v) for v in self.window)
+            if len(win) != 2 or win[1] <= 0:
+                raise ConfigError(f"data.intensity.window must be [centre, width] with width > 0, got {self.window}")
+            self.window = win  # type: ignore[assignment]
+
+    def apply(self, result: ReadResult) -> np.ndarray:
+        """:func:`to_unit_range` with these settings."""
+        return to_unit_range(result, self.mode, self.percentiles, self.window)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,15 +83,15 @@ def _open_folder(
     )
 
 
-def _open_manifest(require_3d: bool) -> Callable[[str, str | None, int | None, str | None, int], ImageDataset]:
+def _open_manifest(require_3d: bool) -> Callable[..., ImageDataset]:
     def opener(
-        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, intensity: Any = None
     ) -> ImageDataset:
         from .manifest import CsvDataset
 
         return CsvDataset(
             _require_arg(spec, arg, "FILE.csv"), image_size=image_size, task=task, seed=seed, name=spec,
-            require_3d=require_3d,
+            require_3d=require_3d, intensity=intensity,
         )
 
     return opener
@@ -104,7 +105,8 @@ def _open_isic2017(
     return Isic2017Dataset(_require_arg(spec, arg, "ROOT"), image_size=image_size, task=task, name=spec)
 
 
-_OPENERS: dict[str, Callable[[str, str | None, int | None, str | None, int], ImageDataset]] = {
+_TAKES_INTENSITY = {"csv", "volumes", "cbis-ddsm"}
+_OPENERS: dict[str, Callable[..., ImageDataset]] = {
     "phantom2d": _open_phantom("phantom2d"),
     "phantom3d": _open_phantom("phantom3d"),
     "npz": _open_npz,
@@ -116,7 +118,7 @@ _OPENERS: dict[str, Callable[[str, str | None, int | None, str | None, int], Ima
 
 
 def open_dataset(
-    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0
+    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None
 ) -> ImageDataset:
     """Opens the dataset a spec string names.
 
@@ -130,6 +132,8 @@ def open_dataset(
             are resized.
         task: Labelling task for datasets with several (``None``: the default task).
         seed: Seed of the phantom generator and of patient-level splits (npz splits come from the file).
+        intensity: :class:`~medssl.data.readers.IntensityConfig` for datasets read from DICOM / NIfTI / MHA
+            files (``csv:``, ``volumes:``, ``cbis-ddsm:``); ``None`` = ``auto``.
 
     Returns:
         The dataset, with ``name == spec``.
@@ -147,6 +151,31 @@ def open_dataset(
     prefix = prefix.lower()
     if prefix not in _OPENERS:
         raise DataError(f"unknown data spec {spec!r}; valid: {_VALID}")
-    return _OPENERS[prefix](
-        spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed)
-    )
+    opener = _OPENERS[prefix]
+    args = (spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
+    if prefix in _TAKES_INTENSITY:
+        return opener(*args, intensity=intensity)
+    return opener(*args)
+
+
+def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
+    """Open the dataset of a config's ``data`` section with all its settings.
+
+    Applies, in order: the spec with ``image_size``, ``task`` and ``intensity``; the split manifest
+    ``splits`` (``--splits FILE``); the item cache (``cache``, ``cache_dir``) for file-backed datasets.
+    ``skip_bad`` is left to the caller, which decides where the list of skipped files goes.
+
+    Args:
+        data: a :class:`~medssl.config.DataConfig`.
+        cache: override ``data.cache``.
+    """
+    from .cache import default_cache_dir
+    from .splits import apply_split_manifest
+
+    ds = open_dataset(data.spec, image_size=data.image_size, task=data.task, intensity=data.intensity)
+    if data.splits:
+        apply_split_manifest(ds, data.splits)
+    use_cache = data.cache if cache is None else cache
+    if use_cache:
+        ds.enable_cache(Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir())
+    return ds

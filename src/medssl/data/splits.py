@@ -14,7 +14,11 @@ Two rules keep low-label evaluation honest:
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -198,3 +202,105 @@ def _stratified_multilabel(
                 members = free[stratum == s]
                 chosen[rng.permutation(members)[:count]] = True
     return np.flatnonzero(chosen).astype(np.int64)
+
+
+# -- split manifests ------------------------------------------------------------------------------------
+def write_split_manifest(
+    dataset: Any, path: str | Path, subsets: dict[str, np.ndarray] | None = None
+) -> Path:
+    """Write which item went into which split (and label-fraction subset) as a CSV.
+
+    Columns: ``index, source, patient_id, split`` plus one 0/1 column per entry of ``subsets`` (e.g.
+    ``subset:0.01:seed0`` for the 1 % training subset of seed 0). The file is what ``--splits FILE``
+    (``data.splits``) reads back, so a run's exact splits can be reused by another run or another tool.
+
+    Args:
+        dataset: An :class:`~medssl.data.base.ImageDataset`.
+        path: Output CSV.
+        subsets: ``{column name: dataset indices in that subset}``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = dict(subsets or {})
+    member = {name: np.zeros(len(dataset), dtype=np.int8) for name in cols}
+    for name, idx in cols.items():
+        member[name][np.asarray(idx, dtype=np.int64)] = 1
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "source", "patient_id", "split", *cols])
+        for i in range(len(dataset)):
+            w.writerow([i, dataset.sources[i], dataset.patient_ids[i], dataset.splits[i],
+                        *(int(member[c][i]) for c in cols)])
+    os.replace(tmp, path)
+    return path
+
+
+def read_split_manifest(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Read a manifest written by :func:`write_split_manifest`.
+
+    Returns:
+        ``(sources, patient_ids, splits, subsets)`` with ``subsets`` as ``{column: (N,) bool}``.
+
+    Raises:
+        DataError: missing file, missing columns, unknown split names.
+    """
+    from medssl.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split manifest not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    missing = [c for c in ("source", "split") if c not in header]
+    if missing:
+        raise DataError(f"{path}: not a split manifest (missing column(s) {', '.join(missing)}; "
+                        "expected index, source, patient_id, split)")
+    if not rows:
+        raise DataError(f"{path}: empty split manifest")
+    splits = np.array([r["split"].strip() for r in rows])
+    bad = sorted(set(splits) - set(SPLIT_NAMES))
+    if bad:
+        raise DataError(f"{path}: unknown split name(s) {', '.join(map(repr, bad))}; valid: {', '.join(SPLIT_NAMES)}")
+    subsets = {c: np.array([r[c].strip() in ("1", "true", "True") for r in rows]) for c in header
+               if c.startswith("subset:")}
+    patients = np.array([(r.get("patient_id") or "").strip() for r in rows])
+    return [r["source"] for r in rows], patients, splits, subsets
+
+
+def apply_split_manifest(dataset: Any, path: str | Path) -> Any:
+    """Replace ``dataset.splits`` by the assignment of a split manifest, matching items by ``source``.
+
+    Every item of the dataset must appear in the manifest (a missing item would otherwise silently land in
+    no split); extra manifest rows (items dropped since) are ignored. The result must still be
+    patient-level.
+
+    Raises:
+        DataError: items missing from the manifest, or a patient in two splits.
+    """
+    from medssl.errors import DataError
+
+    sources, _, splits, _ = read_split_manifest(path)
+    lookup = dict(zip(sources, splits, strict=True))
+    missing = [s for s in dataset.sources if s not in lookup]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} item(s) of {dataset.name} are not in the split manifest "
+                        f"(first: {missing[0]}); was it written for another dataset?")
+    new = np.array([lookup[s] for s in dataset.sources])
+    check_patient_level(dataset.patient_ids, new, where=str(path))
+    dataset.splits = new
+    return dataset
+
+
+def check_patient_level(patient_ids: np.ndarray, splits: np.ndarray, where: str = "") -> None:
+    """Raise a :class:`DataError` naming the first patient that has items in two splits."""
+    from medssl.errors import DataError
+
+    seen: dict[str, str] = {}
+    for pid, s in zip(np.asarray(patient_ids).astype(str), np.asarray(splits).astype(str), strict=True):
+        prev = seen.setdefault(pid, s)
+        if prev != s:
+            raise DataError(f"{where + ': ' if where else ''}patient {pid!r} is in both {prev!r} and {s!r} splits; "
+                            "splits must be patient-level")

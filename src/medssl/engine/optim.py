@@ -46,6 +46,33 @@ def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], cfg: Optim
     raise ConfigError(f"optim.name must be 'sgd' or 'adamw', got '{cfg.name}'")
 
 
+def set_configs(cfg: OptimConfig, set_names: Sequence[str], lr: float, method_name: str = "") -> dict[str, OptimConfig]:
+    """The optimiser settings of each parameter set of a method: ``cfg`` with ``cfg.sets[name]`` applied.
+
+    Args:
+        cfg: the run's optimiser settings.
+        set_names: the method's parameter sets (:meth:`medssl.methods.base.Method.parameter_sets`).
+        lr: the peak learning rate of a set that names none (the run's ``optim.lr`` or the method's default).
+        method_name: for the error message.
+
+    Raises:
+        ConfigError: ``cfg.sets`` names a set the method does not have.
+    """
+    unknown = sorted(set(cfg.sets) - set(set_names))
+    if unknown:
+        raise ConfigError(
+            f"optim.sets names {', '.join(unknown)}, but method '{method_name}' trains the parameter set(s) "
+            f"{', '.join(set_names)}"
+        )
+    out = {}
+    for name in set_names:
+        sc = cfg.for_set(name)
+        if sc.lr is None:
+            sc.lr = lr
+        out[name] = sc
+    return out
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up + cosine schedule stepping once per optimiser step."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_fraction * total_steps))

@@ -24,7 +24,7 @@ from medssl.config import PretrainConfig, save_config
 from medssl.engine import checkpoint as ckpt_utils
 from medssl.engine import distributed as dist_utils
 from medssl.engine.logging import MetricsCSV, Progress
-from medssl.engine.optim import build_optimizer, build_scheduler
+from medssl.engine.optim import build_optimizer, build_scheduler, set_configs
 from medssl.engine.sampler import ResumableBatchSampler
 from medssl.errors import CheckpointError, ConfigError, MedsslError
 from medssl.methods import DataInfo, Method, get_method
@@ -104,17 +104,59 @@ def _lr_for(cfg: PretrainConfig, method_cls: type[Method]) -> float:
 def _collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack what pretraining needs (images, and high-res copies where present); labels are not read."""
     out = {"image": torch.stack([it["image"] for it in items])}
-    if "image_highres" in items[0]:
-        out["image_highres"] = torch.stack([it["image_highres"] for it in items])
+    for key in items[0]:
+        if key.startswith("image_highres"):  # image_highres (2x), image_highres_x4 ...
+            out[key] = torch.stack([it[key] for it in items])
     out["index"] = torch.tensor([int(it["index"]) for it in items])
     return out
+
+
+def _collapse_update(embeddings: dict[str, torch.Tensor], step: int, total_steps: int, every: int,
+                     pending: dict[str, Any]) -> dict[str, Any]:
+    """Collapse columns for the next metrics.csv row: present (empty) from the first row on, filled every
+    ``every`` steps and at the last step from this step's embeddings (gathered across ranks)."""
+    if not every or not embeddings:
+        return pending
+    from medssl.eval.collapse import collapse_columns, collapse_logs
+
+    cols = {c: pending.get(c, "") for c in collapse_columns(list(embeddings))}
+    if step % every == 0 or step == total_steps:
+        cols.update(collapse_logs({k: dist_utils.gather(v.detach(), with_grad=False) for k, v in embeddings.items()}))
+    return cols
+
+
+def _write_visuals(method: Method, batch: dict[str, torch.Tensor], step: int, root: Path, seed: int) -> Path | None:
+    """Ask the method for its reconstruction panels and write ``root/reconstructions/step_XXXXXX.png``.
+
+    Runs under ``no_grad`` in ``eval()`` mode, with the global RNG forked and seeded with ``seed`` (the same
+    masks and views at every call; training randomness untouched). A failing figure is logged, not raised:
+    a picture must not cost a run.
+    """
+    devices = sorted({v.device.index or 0 for v in batch.values() if v.is_cuda})
+    was_training = method.training
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            method.eval()
+            panels = method.visualize(batch, step)
+            if not panels:
+                return None
+            from medssl.eval.reconstruction import save_reconstruction_grid
+
+            return save_reconstruction_grid(panels, root / "reconstructions" / f"step_{step:06d}.png",
+                                            title=f"{method.name} step {step}")
+    except Exception as e:  # any failure of a figure is only logged
+        log.warning("step %d: reconstruction figure failed (%s: %s)", step, type(e).__name__, e)
+        return None
+    finally:
+        method.train(was_training)
 
 
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], force: bool) -> None:
     """A resumed run must keep the settings that define it; length and devices may change."""
     allowed = {("train", "epochs"), ("train", "max_steps"), ("train", "devices"), ("train", "num_nodes"),
                ("train", "log_every_n_steps"), ("train", "checkpoint_every_n_steps"), ("data", "num_workers"),
-               ("train", "accelerator")}
+               ("train", "accelerator"), ("train", "collapse_every_n_steps"), ("train", "visualize_every_n_steps")}
     diffs = []
     for section, values in current.items():
         if not isinstance(values, dict):
@@ -142,7 +184,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     Returns:
         The run directory.
     """
-    from medssl.data import open_dataset
+    from medssl.data.specs import open_from_config
+    from medssl.data.splits import write_split_manifest
 
     _quiet_lightning()
     paths = RunPaths(Path(out_dir))
@@ -168,7 +211,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
 
     # The data seed is a property of the dataset (phantom content, split assignment), not of the run: evaluation
     # must see the same splits, so pretraining never reads the test images.
-    dataset = open_dataset(cfg.data.spec, image_size=cfg.data.image_size, task=cfg.data.task)
+    dataset = open_from_config(cfg.data)
+    skipped: list[tuple[str, str]] | None = None
+    if cfg.data.skip_bad:
+        from medssl.data.manifest import drop_bad
+
+        dataset = drop_bad(dataset)
+        skipped = dataset.skipped
+        if skipped:
+            log.warning("data %s: skipped %d unreadable item(s), listed in %s", cfg.data.spec, len(skipped),
+                        paths.root / "skipped.csv")
     if cfg.data.image_size is None:
         cfg.data.image_size = int(dataset.image_size)
     indices = pretrain_indices(dataset, cfg.data.split)
@@ -184,8 +236,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     if total_steps <= 0:
         raise ConfigError("nothing to train: max_steps / epochs give 0 steps")
+    loader_data: torch.utils.data.Dataset = dataset
+    view_spec = method_cls.view_spec_for(cfg.method)
+    if view_spec.needs_highres:  # multi-scale reconstruction: the same images read at 2x (4x) the size
+        from medssl.data.highres import HighResDataset
+
+        loader_data = HighResDataset(dataset, view_spec.highres_factors)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=_collate_images,
+        loader_data, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=_collate_images,
         pin_memory=fabric.device.type == "cuda", persistent_workers=False,
         generator=torch.Generator(),  # keeps the global RNG untouched by iterator creation (resume equality)
     )
@@ -197,8 +255,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     lr = _lr_for(cfg, method_cls)
     cfg.optim.lr = lr
     sets = method.parameter_sets()
-    optimizers = {name: build_optimizer(params, cfg.optim, lr) for name, params in sets.items()}
-    schedulers = {name: build_scheduler(opt, cfg.optim, total_steps) for name, opt in optimizers.items()}
+    # One optimiser + schedule per parameter set (CASS: cnn and vit), each with its optim.sets overrides.
+    set_cfgs = set_configs(cfg.optim, list(sets), lr, cfg.method_name)
+    optimizers = {name: build_optimizer(params, set_cfgs[name], float(set_cfgs[name].lr))
+                  for name, params in sets.items()}
+    schedulers = {name: build_scheduler(opt, set_cfgs[name], total_steps) for name, opt in optimizers.items()}
     model = fabric.setup_module(method)
     fab_opts = fabric.setup_optimizers(*optimizers.values())
     if len(optimizers) == 1:
@@ -220,6 +281,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.checkpoints.mkdir(exist_ok=True)
         save_config(cfg, paths.config)
+        if skipped is not None:
+            from medssl.data.manifest import write_skipped
+
+            write_skipped(skipped, paths.root / "skipped.csv")
+        # which items pretraining read (split == train, or every non-test item): reusable with --splits
+        write_split_manifest(dataset, paths.root / "splits.csv", {"subset:pretrain": indices})
     fabric.barrier()
     metrics = MetricsCSV(paths.metrics, resume_step=step if resume else None) if fabric.is_global_zero else None
     bar = Progress(total_steps, start_step=step, enabled=progress and fabric.is_global_zero)
@@ -241,6 +308,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             )
         fabric.barrier()
 
+    if t.collapse_every_n_steps < 0:
+        raise ConfigError(f"train.collapse_every_n_steps must be >= 0 (0 = off), got {t.collapse_every_n_steps}")
+    collapse_row: dict[str, Any] = {}
+    if t.visualize_every_n_steps < 0:
+        raise ConfigError(f"train.visualize_every_n_steps must be >= 0 (0 = off), got {t.visualize_every_n_steps}")
     model.train()
     loss_sum = torch.zeros((), device=fabric.device)
     loss_count = 0
@@ -272,9 +344,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     continue
                 bad_steps = 0
                 fabric.backward(loss)
-                if cfg.optim.grad_clip > 0:
-                    for opt in fab_opts.values():
-                        fabric.clip_gradients(model, opt, max_norm=cfg.optim.grad_clip)
+                for name, opt in fab_opts.items():  # clips the norm of this optimiser's parameters
+                    if set_cfgs[name].grad_clip > 0:
+                        fabric.clip_gradients(model, opt, max_norm=set_cfgs[name].grad_clip)
                 for name, opt in fab_opts.items():
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -285,6 +357,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 loss_count += 1
                 for k, v in out.logs.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + float(v)
+                collapse_row = _collapse_update(out.embeddings, step, total_steps, t.collapse_every_n_steps, collapse_row)
+                vis = t.visualize_every_n_steps
+                if fabric.is_global_zero and vis and (step % vis == 0 or step == total_steps):
+                    _write_visuals(method, batch, step, paths.root, t.seed)
                 is_log = step % t.log_every_n_steps == 0 or step == total_steps
                 if is_log:
                     mean_loss = float(fabric.all_reduce(loss_sum / max(loss_count, 1), reduce_op="mean"))
@@ -293,7 +369,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     lr_now = next(iter(optimizers.values())).param_groups[0]["lr"]
                     if metrics is not None:
                         row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_now, "images_per_s": ips}
+                        if len(optimizers) > 1:
+                            row.update({f"lr_{n}": o.param_groups[0]["lr"] for n, o in optimizers.items()})
                         row.update({k: v / max(loss_count, 1) for k, v in logs_acc.items()})
+                        row.update(collapse_row)
                         metrics.log(row)
                     bar.update(step, epoch, mean_loss, lr_now, ips)
                     if not math.isfinite(mean_loss):
@@ -301,6 +380,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     loss_sum.zero_()
                     loss_count = 0
                     logs_acc = {}
+                    collapse_row = {}
                     t_last, step_last = now, step
                 every = t.checkpoint_every_n_steps
                 if (every and step % every == 0) or step % steps_per_epoch == 0:
