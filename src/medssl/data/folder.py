@@ -190,6 +190,10 @@ class FolderDataset(ImageDataset):
             has_masks=False,
         )
 
+    def item_files(self, index: int) -> list[str]:
+        """The file item ``index`` is read from (inspect, cache keys)."""
+        return [str(self._files[index])]
+
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = read_image(self._files[index], rgb=self._rgb)
         return resize_image(pad_to_square(image), self.image_size).contiguous(), None

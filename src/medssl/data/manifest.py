@@ -287,28 +287,36 @@ class CsvDataset(ImageDataset):
         return [str(self.files[index])]
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        path = self.files[index]
-        result = read_result(path)
-        if int(result.spatial_dims) != self.spatial_dims:
-            raise DataError(
-                f"{path}: {result.spatial_dims}D, but this dataset is {self.spatial_dims}D (decided by the "
-                f"manifest's first readable file)"
-            )
-        try:
-            unit = self.intensity.apply(result)
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(f"cannot scale {path} to [0, 1]: {type(exc).__name__}: {exc}") from exc
-        array = _to_channels(np.asarray(unit, dtype=np.float32), str(path))
-        image = torch.from_numpy(np.ascontiguousarray(array))
-        if image.shape[0] == 1 and self.in_chans == 3:
-            image = image.expand(3, *image.shape[1:])
-        elif image.shape[0] == 3 and self.in_chans == 1:
-            image = image.mean(dim=0, keepdim=True)
-        if self.spatial_dims == 2:
-            image = pad_to_square(image)
-        return resize_image(image.contiguous(), self.image_size).contiguous(), None
+        return load_file_image(self.files[index], self.intensity, self.spatial_dims, self.in_chans, self.image_size), None
+
+
+def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int, image_size: int) -> torch.Tensor:
+    """Read one file and make it a model input: ``[0, 1]`` via ``intensity``, ``in_chans`` channels, 2D images
+    zero-padded to a centred square, resized to ``image_size`` per side.
+
+    Raises:
+        DataError: unreadable file, or a file with another number of spatial dimensions than the dataset.
+    """
+    result = read_result(path)
+    if int(result.spatial_dims) != spatial_dims:
+        raise DataError(
+            f"{path}: {result.spatial_dims}D, but this dataset is {spatial_dims}D (decided by its first readable file)"
+        )
+    try:
+        unit = intensity.apply(result)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot scale {path} to [0, 1]: {type(exc).__name__}: {exc}") from exc
+    array = _to_channels(np.asarray(unit, dtype=np.float32), str(path))
+    image = torch.from_numpy(np.ascontiguousarray(array))
+    if image.shape[0] == 1 and in_chans == 3:
+        image = image.expand(3, *image.shape[1:])
+    elif image.shape[0] == 3 and in_chans == 1:
+        image = image.mean(dim=0, keepdim=True)
+    if spatial_dims == 2:
+        image = pad_to_square(image)
+    return resize_image(image.contiguous(), image_size).contiguous()
 
 
 class SubsetDataset(ImageDataset):

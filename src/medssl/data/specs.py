@@ -27,12 +27,16 @@ SPEC_HELP: str = (
     "there are sub-folders, else unlabelled; padded to square and resized to 224 unless --image-size "
     "is given), 'csv:FILE.csv' (manifest: 'path' relative to the CSV, optional 'label' or 'label:<name>' "
     "0/1 columns, 'patient_id', 'split'; PNG/JPEG/TIFF, DICOM, NIfTI, MHA/NRRD; 2D resized to 224, 3D to "
-    "64 by default), 'volumes:FILE.csv' (the same for 3D files only), or 'isic2017:ROOT' (ISIC 2017 "
-    "release folders; tasks melanoma (default) and seborrheic_keratosis; lesion masks). Splits are patient-level 70/10/20 unless the source defines them (npz keys). The "
+    "64 by default), 'volumes:FILE.csv' (the same for 3D files only), 'isic2017:ROOT' (ISIC 2017 "
+    "release folders; tasks melanoma (default) and seborrheic_keratosis; lesion masks), 'cbis-ddsm:ROOT[@roi]' "
+    "(CBIS-DDSM TCIA tree + case CSVs; full mammograms or @roi lesion crops; tasks pathology (default), "
+    "pathology4, mass_margins (multi-label)), or 'medmnist:NAME[@SIZE]' (MedMNIST v2 by name, from ~/.medmnist "
+    "or downloaded by the medmnist package). Splits are patient-level 70/10/20 unless the source defines them (npz keys). The "
     "phantoms are synthetic test data, not a substitute for real images."
 )
 
-_VALID = "phantom2d[:N], phantom3d[:N], npz:PATH, folder:DIR, csv:FILE.csv, volumes:FILE.csv, isic2017:ROOT"
+_VALID = ("phantom2d[:N], phantom3d[:N], npz:PATH, medmnist:NAME[@SIZE], folder:DIR, csv:FILE.csv, volumes:FILE.csv, "
+          "isic2017:ROOT, cbis-ddsm:ROOT[@roi]")
 
 
 def _parse_count(spec: str, text: str) -> int:
@@ -105,6 +109,27 @@ def _open_isic2017(
     return Isic2017Dataset(_require_arg(spec, arg, "ROOT"), image_size=image_size, task=task, name=spec)
 
 
+def _open_cbis(
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, intensity: Any = None
+) -> ImageDataset:
+    from .cbis import CbisDdsmDataset
+
+    root = str(_require_arg(spec, arg, "ROOT"))
+    view = "full"
+    if "@" in root:
+        root, view = root.rsplit("@", 1)
+    return CbisDdsmDataset(root, view=view, image_size=image_size, task=task, seed=seed, intensity=intensity,
+                           name=spec)
+
+
+def _open_medmnist(
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+) -> ImageDataset:
+    from .medmnist import open_medmnist
+
+    return open_medmnist(spec, arg, image_size, task)
+
+
 _TAKES_INTENSITY = {"csv", "volumes", "cbis-ddsm"}
 _OPENERS: dict[str, Callable[..., ImageDataset]] = {
     "phantom2d": _open_phantom("phantom2d"),
@@ -114,6 +139,8 @@ _OPENERS: dict[str, Callable[..., ImageDataset]] = {
     "csv": _open_manifest(require_3d=False),
     "volumes": _open_manifest(require_3d=True),
     "isic2017": _open_isic2017,
+    "cbis-ddsm": _open_cbis,
+    "medmnist": _open_medmnist,
 }
 
 
