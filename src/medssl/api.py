@@ -220,9 +220,8 @@ def evaluate(
         ``{"rows": [...], "summary": [...], "table": markdown}``; also writes ``results.json`` and
         ``results.md`` into ``out``.
     """
-    import torch
-
     import numpy as np
+    import torch
 
     from medssl.config import DataConfig, build_dataclass
     from medssl.data.specs import open_from_config
@@ -260,7 +259,7 @@ def evaluate(
             random_encoder(
                 backbone or model_cfg.get("backbone", "resnet18"), in_chans=ds.in_chans, image_size=ds.image_size,
                 stem=stem or model_cfg.get("stem", "default"), spatial_dims=ds.spatial_dims, seed=0,
-                patch_size=model_cfg.get("patch_size"),
+                patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"),
             ),
         ))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -175,6 +175,20 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(quiet: bool) -> None:
+    """medssl's own messages (resuming, skipped files, warnings) go to stderr as ``medssl: ...`` lines."""
+    import logging
+
+    logger = logging.getLogger("medssl")
+    if not any(getattr(h, "_medssl", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("medssl: %(message)s"))
+        handler._medssl = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medssl`` command."""
     parser = build_parser()
@@ -182,14 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
+    _setup_logging(quiet=bool(getattr(args, "quiet", False)))
     handlers = {"methods": lambda: _cmd_methods(), "pretrain": lambda: _cmd_pretrain(args),
                 "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args),
                 "inspect": lambda: _cmd_inspect(args)}
     try:
         return handlers[args.command]()
     except MedsslError as e:
-        print(f"medssl: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = int(getattr(e, "exit_code", EXIT_USER_ERROR))
+        print(f"medssl: {'error: ' if code == EXIT_USER_ERROR else ''}{e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("medssl: interrupted", file=sys.stderr)
         return 130

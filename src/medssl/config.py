@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from medssl.errors import ConfigError
 from medssl.data.readers import IntensityConfig
+from medssl.errors import ConfigError
 from medssl.transforms.views import ViewConfig
 
 
@@ -37,12 +37,16 @@ class ModelConfig:
         patch_size: ViT patch side in pixels / voxels; ``None`` = the model's own (masked-image methods pick
             a smaller one for small images and record it here, see
             :func:`medssl.nn.masked_vit.resolve_patch_size`). Ignored by CNNs.
+        global_pool: ViT features for evaluation: ``token`` (class token) or ``avg`` (mean of the patch tokens
+            after the final norm; the weights keep timm's key layout); ``None`` = the model's own (masked-image
+            methods choose ``avg`` and record it here). Ignored by CNNs.
     """
 
     backbone: str = "resnet18"
     stem: str = "default"
     pretrained: bool = False
     patch_size: int | None = None
+    global_pool: str | None = None
 
 
 @dataclass
@@ -151,7 +155,6 @@ class TrainConfig:
         precision: ``32`` or ``bf16-mixed``.
         num_nodes: nodes for multi-node DDP (torchrun / SLURM provide the rendezvous).
         log_every_n_steps: how often a row goes into metrics.csv and the progress line.
-        checkpoint_every_n_steps: checkpoint cadence (0 = only at epoch end and at the end of training).
         drop_last: drop the last incomplete batch of an epoch.
         deterministic: ask torch for deterministic algorithms (slower; used by resume-equality tests).
         collapse_every_n_steps: every this many steps (and at the last step) the effective rank and the std
@@ -171,11 +174,37 @@ class TrainConfig:
     precision: str = "32"
     num_nodes: int = 1
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 0
     drop_last: bool = True
     deterministic: bool = False
     collapse_every_n_steps: int = 50
     visualize_every_n_steps: int = 200
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept (the ``checkpoint:`` section).
+
+    ``checkpoints/last.ckpt`` is always the newest complete checkpoint (written atomically: temp file, fsync,
+    rename), at every epoch end, every ``every_n_steps`` steps and at the end of training.
+
+    Attributes:
+        every_n_steps: extra checkpoint cadence in optimiser steps (0 = epoch ends and the end only).
+        keep_last_k: also keep the ``k`` newest checkpoints as ``checkpoints/step_XXXXXXX.ckpt`` (hard links to
+            the file ``last.ckpt`` was at that step, so they cost no extra disk until ``last.ckpt`` moves on);
+            1 = ``last.ckpt`` only.
+        on_sigterm: on SIGTERM (what SLURM and Kubernetes send before preemption) finish the current step,
+            write a checkpoint and stop with exit code 143, so ``--resume`` continues exactly there.
+    """
+
+    every_n_steps: int = 0
+    keep_last_k: int = 1
+    on_sigterm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0:
+            raise ConfigError(f"checkpoint.every_n_steps must be >= 0 (0 = epoch ends only), got {self.every_n_steps}")
+        if self.keep_last_k < 1:
+            raise ConfigError(f"checkpoint.keep_last_k must be >= 1, got {self.keep_last_k}")
 
 
 @dataclass
@@ -188,6 +217,7 @@ class PretrainConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def method_name(self) -> str:

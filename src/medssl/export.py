@@ -4,6 +4,15 @@
 num_classes=0, in_chans=C)`` names it, so it loads with a plain ``load_state_dict`` — no key surgery. The
 file's metadata records how to rebuild the model (model name, channels, stem, image size, input
 normalisation), which :func:`load_encoder` uses.
+
+An encoder that ends with a whitening layer (Med-MoCo, :class:`medssl.nn.whitening.WhitenedBackbone`) is
+written as two files, so the backbone file keeps loading strictly into plain timm: ``encoder.safetensors``
+(the backbone) and ``whitening.safetensors`` (``whitening_<name>.safetensors`` next to
+``encoder_<name>.safetensors``), the eval-mode whitening folded into the ``weight`` ``(d, d)`` and ``bias``
+``(d,)`` of an ``nn.Linear(d, d)``. The encoder file's metadata key ``whitening`` names that file and
+:func:`load_encoder` applies it::
+
+    feats = lin(model(x))   # lin = nn.Linear(d, d); lin.load_state_dict(load_file("whitening.safetensors"))
 """
 
 from __future__ import annotations
@@ -27,9 +36,42 @@ def encoder_filename(name: str, multiple: bool) -> str:
     return f"encoder_{name}.safetensors" if multiple else "encoder.safetensors"
 
 
+def whitening_filename(name: str, multiple: bool) -> str:
+    """``whitening.safetensors`` / ``whitening_<name>.safetensors``: an encoder's folded whitening layer."""
+    return f"whitening_{name}.safetensors" if multiple else "whitening.safetensors"
+
+
+def _save_whitening(whitening: nn.Module, path: Path, meta: dict[str, str]) -> Path:
+    """Write a whitening layer folded into ``nn.Linear(d, d)`` weights (``weight``, ``bias``)."""
+    lin = whitening if isinstance(whitening, nn.Linear) else whitening.to_linear()  # type: ignore[operator]
+    state = {k: v.detach().float().cpu().contiguous() for k, v in lin.state_dict().items()}
+    metadata = {"format": "torch.nn.Linear", "medssl_version": medssl.__version__,
+                "applies_to": "pooled backbone features: y = weight @ x + bias", **{k: str(v) for k, v in meta.items()}}
+    tmp = path.with_suffix(".tmp")
+    st.save_file(state, str(tmp), metadata=metadata)
+    from medssl.engine.checkpoint import _default_mode
+
+    os.chmod(tmp, _default_mode())
+    tmp.replace(path)
+    return path
+
+
 def save_encoder(module: nn.Module, path: str | Path, meta: dict[str, str]) -> Path:
-    """Write ``module``'s state dict (contiguous CPU tensors) with rebuild metadata."""
+    """Write ``module``'s state dict (contiguous CPU tensors) with rebuild metadata.
+
+    A :class:`~medssl.nn.whitening.WhitenedBackbone` is written as the backbone plus a separate whitening file
+    (see the module docstring); pass ``meta["whitening"]`` to name that file (default
+    ``whitening.safetensors`` next to ``path``).
+    """
+    from medssl.nn.whitening import WhitenedBackbone
+
     path = Path(path)
+    if isinstance(module, WhitenedBackbone):
+        wname = meta.get("whitening") or whitening_filename("", False)
+        meta = {**meta, "whitening": wname}
+        _save_whitening(module.whitening, path.parent / wname,
+                        {"encoder_file": path.name, "kind": getattr(module.whitening, "method", "linear")})
+        module = module.backbone
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     metadata = {
         "format": "timm",  # the method's meta may name another layout (3D backbones)
@@ -53,9 +95,17 @@ def export_encoders(method: nn.Module, out_dir: str | Path) -> list[Path]:
     metas = method.export_meta()  # type: ignore[operator]
     multiple = len(encs) > 1
     return [
-        save_encoder(mod, Path(out_dir) / encoder_filename(name, multiple), {"encoder": name, **metas.get(name, {})})
+        save_encoder(mod, Path(out_dir) / encoder_filename(name, multiple),
+                     {"encoder": name, **metas.get(name, {}), "whitening": whitening_filename(name, multiple)}
+                     if _is_whitened(mod) else {"encoder": name, **metas.get(name, {})})
         for name, mod in encs.items()
     ]
+
+
+def _is_whitened(module: nn.Module) -> bool:
+    from medssl.nn.whitening import WhitenedBackbone
+
+    return isinstance(module, WhitenedBackbone)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -81,26 +131,52 @@ def load_encoder(path: str | Path) -> Encoder:
         if key not in meta:
             raise CheckpointError(f"encoder file {path}: metadata lacks '{key}' (not exported by medssl?)")
     image_size = int(meta["image_size"]) if meta.get("image_size") not in (None, "None") else None
+    patch_size = int(meta["patch_size"]) if meta.get("patch_size") not in (None, "None") else None
+    global_pool = meta.get("global_pool") if meta.get("global_pool") not in (None, "None") else None
     backbone = build_backbone(
         meta["model_name"],
         in_chans=int(meta["in_chans"]),
         image_size=image_size,
         stem=meta.get("stem", "default"),
         spatial_dims=int(meta.get("spatial_dims", 2)),
+        patch_size=patch_size,
+        global_pool=global_pool,
     )
     state = st.load_file(str(path))
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"encoder file {path}: weights do not fit {meta['model_name']}: {e}") from None
+    if meta.get("whitening"):
+        backbone = _load_whitening(Path(path), meta["whitening"], backbone)
     return Encoder(backbone).eval()
 
 
+def _load_whitening(path: Path, name: str, backbone: nn.Module) -> nn.Module:
+    """The backbone followed by the folded whitening layer stored in ``name`` (next to ``path``)."""
+    from medssl.nn.whitening import WhitenedBackbone
+
+    wpath = path.parent / name
+    if not wpath.is_file():
+        raise CheckpointError(f"encoder file {path}: its whitening layer {wpath} is missing (copy it along)")
+    state = st.load_file(str(wpath))
+    d = int(getattr(backbone, "num_features", 0) or 0)
+    lin = nn.Linear(d, d)
+    try:
+        lin.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"whitening file {wpath}: does not fit a {d}-feature backbone: {e}") from None
+    return WhitenedBackbone(backbone, lin)
+
+
 def random_encoder(
-    model_name: str, *, in_chans: int, image_size: int | None, stem: str = "default", spatial_dims: int = 2, seed: int = 0
+    model_name: str, *, in_chans: int, image_size: int | None, stem: str = "default", spatial_dims: int = 2, seed: int = 0,
+    patch_size: int | None = None, global_pool: str | None = None,
 ) -> Encoder:
-    """A randomly initialised encoder (the ``--init random`` baseline), seeded."""
+    """A randomly initialised encoder (the ``--init random`` baseline), seeded; ``patch_size`` and
+    ``global_pool`` for ViTs."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        backbone = build_backbone(model_name, in_chans=in_chans, image_size=image_size, stem=stem, spatial_dims=spatial_dims)
+        backbone = build_backbone(model_name, in_chans=in_chans, image_size=image_size, stem=stem,
+                                  spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool)
     return Encoder(backbone).eval()

@@ -84,7 +84,7 @@ def test_file_digest_is_sha256_of_the_bytes(tmp_path: Path) -> None:
     assert file_digest(p) == hashlib.sha256(b"abc" * 1000).hexdigest()
 
 
-def _writer(root: str, seed: int, q: "mp.Queue") -> None:
+def _writer(root: str, seed: int, q: mp.Queue) -> None:
     cache = ItemCache(root, {"p": 1})
     rng = np.random.default_rng(0)
     arr = rng.random((1, 256, 256)).astype(np.float32)

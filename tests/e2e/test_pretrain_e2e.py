@@ -88,7 +88,7 @@ def test_evaluate_writes_results(trained, tmp_path):
 
 def test_resume_continues_at_saved_step_and_equals_uninterrupted_run(tmp_path, monkeypatch):
     args = dict(data="phantom2d:128", image_size=32, batch_size=16, max_steps=8, progress=False,
-                overrides=["method.queue_size=32", "train.log_every_n_steps=1", "train.checkpoint_every_n_steps=3",
+                overrides=["method.queue_size=32", "train.log_every_n_steps=1", "checkpoint.every_n_steps=3",
                            "train.deterministic=true"])
     full = pretrain("mocov2", out=tmp_path / "full", **args)
 

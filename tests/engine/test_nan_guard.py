@@ -27,7 +27,7 @@ def test_consecutive_nan_losses_stop_with_checkpoint_intact(tmp_path, monkeypatc
     monkeypatch.setattr(MoCoV2, "training_step", nan_after_four)
     with pytest.raises(MedsslError, match=f"{MAX_BAD_STEPS} consecutive non-finite losses"):
         pretrain("mocov2", data="phantom2d:256", out=tmp_path / "r", image_size=32, batch_size=16, max_steps=50,
-                 progress=False, overrides=["method.queue_size=32", "train.checkpoint_every_n_steps=2"])
+                 progress=False, overrides=["method.queue_size=32", "checkpoint.every_n_steps=2"])
     assert calls["n"] == 4 + MAX_BAD_STEPS
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt")
     assert ckpt["step"] == 4

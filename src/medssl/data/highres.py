@@ -43,7 +43,8 @@ def dataset_at_size(dataset: ImageDataset, size: int) -> ImageDataset:
 
     Phantoms are re-rendered at ``size``; a view of another dataset (``drop_bad``'s subset, with ``base`` and
     ``keep``) is rebuilt over its base at ``size``; any other reader is copied with its ``image_size`` set to
-    ``size`` (every medssl file reader resizes to ``self.image_size`` when it loads an item).
+    ``size`` (every medssl file reader resizes to ``self.image_size`` when it loads an item) and, when it
+    caches decoded items, its own cache entries (the cache key includes the image size).
     """
     if isinstance(dataset, PhantomDataset):
         return PhantomDataset(dataset.kind, len(dataset), image_size=size, task=dataset.task, seed=dataset.seed,
@@ -56,6 +57,10 @@ def dataset_at_size(dataset: ImageDataset, size: int) -> ImageDataset:
         return out
     out = copy.copy(dataset)
     out.image_size = int(size)
+    cache = getattr(dataset, "_cache", None)
+    if cache is not None:  # the item cache is keyed by the preprocessing (image size included): a new key
+        out._cache = None
+        out.enable_cache(cache.root)
     return out
 
 

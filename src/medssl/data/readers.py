@@ -385,7 +385,7 @@ def read_dicom_series(folder: Path) -> ReadResult:
     if iop is not None and len(iop) == 6:
         r, c = np.array(iop[:3], float), np.array(iop[3:], float)
         normal = np.cross(r, c)
-    for f, ds in slices:
+    for _f, ds in slices:
         ipp = getattr(ds, "ImagePositionPatient", None)
         if normal is not None and ipp is not None and len(ipp) == 3:
             positions.append(float(np.dot(normal, np.array(ipp, float))))

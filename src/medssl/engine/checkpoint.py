@@ -47,6 +47,32 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def save_and_rotate(obj: Any, last: str | Path, *, step: int, keep_last_k: int = 1) -> None:
+    """Write ``last`` atomically; with ``keep_last_k > 1`` also keep it as ``step_XXXXXXX.ckpt`` beside it.
+
+    The step files are hard links to the inode ``last`` has now: when the next checkpoint replaces ``last`` by
+    rename, the old file lives on under its step name only, so keeping k checkpoints costs k files, not k + 1.
+    Only the ``k`` newest step files are kept; the newest is the same file as ``last``.
+    """
+    last = Path(last)
+    atomic_save(obj, last)
+    if keep_last_k <= 1:
+        return
+    named = last.parent / f"step_{int(step):07d}.ckpt"
+    tmp = named.with_name(f".{named.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # file systems without hard links
+        import shutil
+
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, named)
+    kept = sorted(last.parent.glob("step_*.ckpt"))
+    for old in kept[: max(0, len(kept) - keep_last_k)]:
+        old.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, with a clear error when it is missing or corrupt."""
     path = Path(path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -152,10 +154,48 @@ def _write_visuals(method: Method, batch: dict[str, torch.Tensor], step: int, ro
         method.train(was_training)
 
 
+class TrainingInterrupted(MedsslError):
+    """Training stopped on SIGTERM after writing a checkpoint (the CLI exits with code 143)."""
+
+    exit_code = 143
+
+
+class _StopOnSignal:
+    """Turns SIGTERM into a flag checked once per step, so the step finishes and a checkpoint is written.
+
+    Under DDP the flag is all-reduced (max) so every rank stops at the same step even when the signal reaches
+    the ranks at slightly different times. Signal handlers can only be installed from the main thread; elsewhere
+    (a training loop started from a worker thread) SIGTERM keeps its default action.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.flag = False
+        self.signal_name = "SIGTERM"
+        self._previous: Any = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, fabric: Any) -> bool:
+        if fabric.world_size > 1:
+            flag = torch.tensor(float(self.flag), device=fabric.device)
+            return bool(fabric.all_reduce(flag, reduce_op="max") > 0)
+        return self.flag
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], force: bool) -> None:
     """A resumed run must keep the settings that define it; length and devices may change."""
     allowed = {("train", "epochs"), ("train", "max_steps"), ("train", "devices"), ("train", "num_nodes"),
-               ("train", "log_every_n_steps"), ("train", "checkpoint_every_n_steps"), ("data", "num_workers"),
+               ("train", "log_every_n_steps"), ("checkpoint", "every_n_steps"), ("checkpoint", "keep_last_k"),
+               ("checkpoint", "on_sigterm"), ("data", "num_workers"), ("data", "cache"), ("data", "cache_dir"),
                ("train", "accelerator"), ("train", "collapse_every_n_steps"), ("train", "visualize_every_n_steps")}
     diffs = []
     for section, values in current.items():
@@ -196,6 +236,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             raise CheckpointError(f"--resume: {paths.last} does not exist (nothing to resume in {paths.root})")
         start_ckpt = ckpt_utils.load_checkpoint(paths.last)
         _check_resume_config(start_ckpt.get("config", {}), cfg.to_dict(), force)
+        log.info("resuming %s from step %d (%s)", paths.root, int(start_ckpt["step"]), paths.last)
     elif paths.last.is_file():
         raise ConfigError(f"{paths.root} already holds a run (checkpoints/last.ckpt); use --resume or another --out")
 
@@ -294,7 +335,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     def save_checkpoint() -> None:
         rngs = dist_utils.all_gather_object(ckpt_utils.rng_state())
         if fabric.is_global_zero:
-            ckpt_utils.atomic_save(
+            ckpt_utils.save_and_rotate(
                 {
                     "step": step,
                     "epoch": step // steps_per_epoch,
@@ -305,6 +346,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     "config": cfg.to_dict(),
                 },
                 paths.last,
+                step=step,
+                keep_last_k=cfg.checkpoint.keep_last_k,
             )
         fabric.barrier()
 
@@ -320,6 +363,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     bad_steps = 0
     t_last = time.perf_counter()
     step_last = step
+    stop = _StopOnSignal(enabled=cfg.checkpoint.on_sigterm)
     try:
         while step < total_steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
@@ -382,12 +426,19 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     logs_acc = {}
                     collapse_row = {}
                     t_last, step_last = now, step
-                every = t.checkpoint_every_n_steps
+                every = cfg.checkpoint.every_n_steps
                 if (every and step % every == 0) or step % steps_per_epoch == 0:
                     save_checkpoint()
+                if stop.requested(fabric):
+                    save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.signal_name} after step {step} of {total_steps}; checkpoint written to "
+                        f"{paths.last}. Continue with the same command plus --resume."
+                    )
                 if step >= total_steps:
                     break
     finally:
+        stop.restore()
         bar.close()
         torch.use_deterministic_algorithms(was_deterministic)
     save_checkpoint()

@@ -222,6 +222,33 @@ def knn_protocol(
     return _score(data, probs, notes, params)
 
 
+@register_protocol("collapse")
+def collapse_protocol(
+    data: FeatureSet,
+    train_subset: np.ndarray,
+    seed: int,
+    *,
+    val_subset: np.ndarray | None = None,
+) -> ProtocolOutput:
+    """Collapse diagnostics (:mod:`medssl.eval.collapse`) of the features; labels are not used.
+
+    The features of the training subset, the validation split and the test split are measured together.
+
+    Returns:
+        Metrics ``eff_rank`` (effective rank), ``std`` (std of L2-normalised features × √d), ``dim``, ``n``;
+        params ``spectrum`` (eigenvalues of the feature covariance, decreasing).
+    """
+    from medssl.eval.collapse import collapse_stats
+
+    del seed, val_subset
+    parts = [np.asarray(data.train_x)[train_subset], np.asarray(data.test_x)]
+    if data.val_x is not None:
+        parts.append(np.asarray(data.val_x))
+    st = collapse_stats(np.concatenate(parts, axis=0))
+    metrics = {"eff_rank": st.effective_rank, "std": st.std, "dim": float(st.dim), "n": float(st.num_samples)}
+    return ProtocolOutput(metrics, [], {"spectrum": [float(v) for v in st.spectrum]})
+
+
 def _check_options(name: str, fn: ProtocolFn, options: dict[str, Any]) -> None:
     """Reject options the protocol (or the function it forwards ``**options`` to) does not accept."""
     forwards = {"linear": fit_linear_probe, "knn": knn_predict}
@@ -253,7 +280,7 @@ def _check_options(name: str, fn: ProtocolFn, options: dict[str, Any]) -> None:
 
 #: Protocols whose output is a function of the train / validation subsets alone (L-BFGS logistic regression
 #: and kNN are deterministic); results are reused across seeds that draw identical subsets.
-SUBSET_DETERMINED = frozenset({"linear", "knn"})
+SUBSET_DETERMINED = frozenset({"linear", "knn", "collapse"})
 
 
 def run_protocol(

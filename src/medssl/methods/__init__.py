@@ -52,6 +52,12 @@ def method_table() -> list[tuple[str, str]]:
 
 
 # Importing the modules registers the methods.
+from medssl.methods import cass as _cass  # noqa: E402,F401
+from medssl.methods import cnnmim as _cnnmim  # noqa: E402,F401
+from medssl.methods import gravis as _gravis  # noqa: E402,F401
+from medssl.methods import mae as _mae  # noqa: E402,F401
+from medssl.methods import medmoco as _medmoco  # noqa: E402,F401
+from medssl.methods import miram as _miram  # noqa: E402,F401
 from medssl.methods import mocov2 as _mocov2  # noqa: E402,F401
 
 __all__ = ["METHODS", "DataInfo", "Method", "MethodConfig", "StepOutput", "ViewSpec", "get_method", "register",

@@ -31,21 +31,51 @@ class ViewSpec:
 
     Attributes:
         num_views: augmented views made per image (inside the step, as batched tensor ops).
-        needs_highres: whether the batch must carry a 2x copy of the image (multi-scale reconstruction).
+        needs_highres: whether the batch must carry higher-resolution copies of the image, read from the
+            source at ``factor x`` the image size (multi-scale reconstruction, MIRAM): batch key
+            ``image_highres`` for 2x, ``image_highres_x<factor>`` for other factors
+            (:func:`medssl.data.highres.highres_key`).
         needs_masks: whether the batch carries mask-generator output.
+        highres_factors: the factors of the high-resolution copies when ``needs_highres``.
     """
 
     num_views: int = 2
     needs_highres: bool = False
     needs_masks: bool = False
+    highres_factors: tuple[int, ...] = (2,)
 
 
 @dataclass
 class StepOutput:
-    """Result of one training step: the loss to back-propagate and scalar logs."""
+    """Result of one training step: the loss to back-propagate and scalar logs.
+
+    Attributes:
+        loss: the scalar to back-propagate.
+        logs: scalars averaged over the logging interval into ``metrics.csv``.
+        embeddings: optional detached ``(N, D)`` embeddings of this step by name (e.g. ``{"backbone": h,
+            "projector": z}``); the trainer computes collapse statistics from them every
+            ``train.collapse_every_n_steps`` steps (:mod:`medssl.eval.collapse`).
+    """
 
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class VisualPanel:
+    """One scale of a reconstruction figure (see :meth:`Method.visualize`).
+
+    Attributes:
+        scale: label of the scale, e.g. ``"1x"``, ``"2x"``.
+        columns: column name -> ``(N, C, *spatial)`` tensor, one row per sample, in display range ``[0, 1]``
+            (values outside are clipped; bool masks are fine). Usual columns: ``input`` (what the encoder
+            saw, masked), ``mask``, ``reconstruction``, ``target``. 3D volumes are shown by their middle
+            depth slice; ``C == 3`` is shown as RGB, otherwise the first channel in grey.
+    """
+
+    scale: str
+    columns: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -75,6 +105,13 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     view_spec: ViewSpec = ViewSpec()
 
+    @classmethod
+    def view_spec_for(cls, method_cfg: dict[str, Any]) -> ViewSpec:
+        """The view spec of this method with the given ``method:`` section (the trainer asks before it builds
+        the data loader). Default: the class's ``view_spec``; methods whose data needs depend on their
+        hyper-parameters (MIRAM's scales) override it."""
+        return cls.view_spec
+
     def forward(self, batch: dict[str, Any]) -> StepOutput:
         """Calls :meth:`training_step`, so that DDP wrappers see the step as ``forward``."""
         return self.training_step(batch)
@@ -96,3 +133,16 @@ class Method(nn.Module):
     def export_meta(self) -> dict[str, dict[str, str]]:
         """Per-encoder metadata written into the exported safetensors (how to rebuild the model)."""
         return {}
+
+    def visualize(self, batch: dict[str, Any], step: int) -> list[VisualPanel] | None:
+        """Optional picture of what the method does on ``batch`` (masked modelling: reconstructions).
+
+        The trainer calls it on rank 0 every ``train.visualize_every_n_steps`` steps and at the last step,
+        with the current training batch (already on the device), under ``torch.no_grad()``, with the method
+        in ``eval()`` mode and the global RNG forked and seeded with ``train.seed`` (so masks and views are
+        the same at every call and training randomness is untouched). It writes the panels side by side,
+        rows = samples, into ``RUN/reconstructions/step_XXXXXX.png``
+        (:func:`medssl.eval.reconstruction.save_reconstruction_grid`). Return ``None`` (the default) for
+        nothing; keep it to a few samples (the figure shows at most 8 rows).
+        """
+        return None

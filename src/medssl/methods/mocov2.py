@@ -68,7 +68,7 @@ class MoCoV2(Method):
 
     def __init__(self, cfg: Any, data: DataInfo) -> None:
         super().__init__()
-        m = MoCoV2Config(**cfg.method)
+        m = self.config_cls(**cfg.method)
         self.hparams = m
         self.backbone = build_backbone(
             cfg.model.backbone,
@@ -94,9 +94,22 @@ class MoCoV2(Method):
         self._pending_keys: torch.Tensor | None = None
 
     # -- encoders -----------------------------------------------------------------------------------
+    def embed_query(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Query-encoder outputs of a normalised view batch: ``backbone`` (pooled features) and ``projector``.
+
+        Subclasses (Med-MoCo) add entries (feature maps, whitened features); 2-D entries other than
+        ``feature_map`` are reported to the trainer's collapse diagnostics.
+        """
+        h = self.backbone(x)
+        return {"backbone": h, "projector": self.projector(h)}
+
+    def embed_key(self, x: torch.Tensor) -> torch.Tensor:
+        """Key-encoder embedding of a normalised view batch (not normalised; called without gradient)."""
+        return self.key_projector(self.key_backbone(x))
+
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Query embedding of a normalised view."""
-        return self.projector(self.backbone(x))
+        return self.embed_query(x)["projector"]
 
     @torch.no_grad()
     def key(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +118,7 @@ class MoCoV2(Method):
             x, unshuffle = dist_utils.batch_shuffle(x)
         else:
             unshuffle = None
-        k = self.key_projector(self.key_backbone(x))
+        k = self.embed_key(x)
         k = F.normalize(k.float(), dim=1)
         return dist_utils.batch_unshuffle(k, unshuffle)
 
@@ -114,18 +127,29 @@ class MoCoV2(Method):
         images = batch["image"]
         v1 = normalize(self.views(images).images)
         v2 = normalize(self.views(images).images)
+        out, _ = self.global_step(v1, v2)
+        return out
+
+    def global_step(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[StepOutput, dict[str, torch.Tensor]]:
+        """The MoCo v2 loss of two normalised view batches.
+
+        Returns:
+            The step output (loss, logs, detached embeddings for the collapse diagnostics) and the query
+            encoder's outputs (:meth:`embed_query` of ``cat([v1, v2])`` when symmetric, else of ``v1``), with
+            their graphs, for subclasses that add loss terms.
+        """
         m = self.hparams
         queue = self.queue.clone().detach()
         if m.symmetric:
-            q = self.query(torch.cat([v1, v2]))
+            qd = self.embed_query(torch.cat([v1, v2]))
             k = self.key(torch.cat([v2, v1]))
-            loss = info_nce(q, k, temperature=m.temperature, queue=queue)
-            keys = k[: images.shape[0]]
+            keys = k[: v1.shape[0]]
         else:
-            q = self.query(v1)
+            qd = self.embed_query(v1)
             k = self.key(v2)
-            loss = info_nce(q, k, temperature=m.temperature, queue=queue)
             keys = k
+        q = qd["projector"]
+        loss = info_nce(q, k, temperature=m.temperature, queue=queue)
         self._pending_keys = keys.detach()
         with torch.no_grad():
             qn = F.normalize(q.detach().float(), dim=1)
@@ -133,7 +157,8 @@ class MoCoV2(Method):
                 "pos_sim": float((qn * k).sum(1).mean()),
                 "embedding_std": float(qn.std(dim=0).mean() * qn.shape[1] ** 0.5),
             }
-        return StepOutput(loss=loss, logs=logs)
+        embeddings = {n: t.detach() for n, t in qd.items() if n != "feature_map" and t.ndim == 2}
+        return StepOutput(loss=loss, logs=logs, embeddings=embeddings), qd
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

@@ -58,6 +58,8 @@ def build_backbone(
     stem: str = "default",
     pretrained: bool = False,
     spatial_dims: int = 2,
+    patch_size: int | None = None,
+    global_pool: str | None = None,
 ) -> nn.Module:
     """Create a timm backbone that returns pooled features ``(B, num_features)``.
 
@@ -67,12 +69,21 @@ def build_backbone(
         image_size: input side length; needed by ViTs for their position embeddings.
         stem: ``default`` or ``cifar`` (see :func:`apply_cifar_stem`).
         pretrained: load ImageNet weights (needs network access; fails with a clear message offline).
-        spatial_dims: 2 or 3; 3D backbones come from :mod:`medssl.nn.backbones3d`.
+        spatial_dims: 2 or 3; 3D backbones come from :mod:`medssl.nn.backbones3d` (ResNets) and
+            :mod:`medssl.nn.vit3d` (ViTs).
+        patch_size: ViT patch side (``None`` = the model's own); ignored by CNNs.
+        global_pool: ViT pooling, ``token`` or ``avg`` (mean of the patch tokens after the final norm, built
+            with ``fc_norm=False`` so the key layout stays timm's default); ``None`` = the model's own.
 
     Raises:
         ConfigError: unknown name, unsupported stem, or weights that cannot be downloaded.
     """
     if spatial_dims == 3:
+        from medssl.nn.vit3d import build_vit3d, vit3d_name
+
+        if vit3d_name(name) is not None:
+            return build_vit3d(name, in_chans=in_chans, image_size=image_size, patch_size=patch_size,
+                               global_pool=global_pool or "token")
         from medssl.nn.backbones3d import build_backbone_3d
 
         return build_backbone_3d(name, in_chans=in_chans, stem=stem)
@@ -85,6 +96,14 @@ def build_backbone(
     kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_chans}
     if image_size is not None and is_vit(name):
         kwargs["img_size"] = image_size
+    if patch_size is not None and is_vit(name):
+        kwargs["patch_size"] = patch_size
+    if global_pool is not None and is_vit(name):
+        if global_pool not in ("token", "avg"):
+            raise ConfigError(f"model.global_pool must be 'token' or 'avg', got '{global_pool}'")
+        kwargs["global_pool"] = global_pool
+        if name.startswith(("vit_", "deit")):  # timm VisionTransformer: keep `norm` on the tokens, no fc_norm
+            kwargs["fc_norm"] = False
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # network errors come in many types (OSError, HF hub errors, URLError)

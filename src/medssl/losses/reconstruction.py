@@ -1,0 +1,75 @@
+"""Reconstruction losses of masked image modelling (MAE, MIRAM; usable by any patch-wise predictor).
+
+MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022) regresses the pixels of the
+masked patches with a mean squared error; with ``norm_pix`` the target of every patch is first normalised
+by that patch's own mean and variance::
+
+    t̂ = (t − mean(t)) / sqrt(var(t) + ε),   ε = 1e-6,   var unbiased (MAE's choice)
+    L = Σ_{b,i} m_bi · mean_j (p_bij − t̂_bij)² / Σ_{b,i} m_bi
+
+where ``i`` runs over patches, ``j`` over the pixels x channels of a patch and ``m_bi = 1`` for masked
+patches. The loss is over masked patches only (MIRAM's released code averaged over all patches; medssl
+follows the MAE / MIRAM papers). With no masked patch at all (mask ratio 0, a plain autoencoder) every
+patch counts.
+
+Under DDP every rank has the same number of masked patches per sample, so the mean of the per-rank losses
+is the loss of the global batch and no gathering is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["normalize_patches", "reconstruction_loss"]
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalised targets ``(t − mean) / sqrt(var + eps)`` over the last axis (unbiased variance).
+
+    Args:
+        patches: ``(..., P)`` flattened patches.
+        eps: added to the variance (1e-6 in MAE).
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=True)
+    return (patches - mean) / torch.sqrt(var + eps)
+
+
+def reconstruction_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Mean squared error of predicted patches over the masked patches.
+
+    Args:
+        pred: ``(B, N, P)`` predicted patches.
+        target: ``(B, N, P)`` target patches (pixels, e.g. from :func:`medssl.nn.patches.patchify`).
+        mask: ``(B, N)`` bool, ``True`` = masked: the patches the loss is over. ``None`` or an all-visible
+            mask = every patch.
+        norm_pix: normalise every target patch by its own mean and variance first (MAE's norm-pix loss);
+            ``False`` = plain MSE on the pixels.
+        eps: variance epsilon of ``norm_pix``.
+
+    Returns:
+        Scalar loss (float32).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"pred and target must both be (B, N, P), got {tuple(pred.shape)} and {tuple(target.shape)}")
+    target = target.detach().float()
+    if norm_pix:
+        target = normalize_patches(target, eps)
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+    if mask is None:
+        return per_patch.mean()
+    if mask.shape != per_patch.shape:
+        raise ValueError(f"mask must be (B, N) = {tuple(per_patch.shape)}, got {tuple(mask.shape)}")
+    # All patches count when none is masked (ratio 0), without reading the mask back to the host.
+    weights = torch.where(mask.any(), mask.float(), torch.ones_like(per_patch))
+    return (per_patch * weights).sum() / weights.sum()

@@ -1,0 +1,203 @@
+"""CASS: cross-architecture self-supervision, a CNN and a ViT trained together.
+
+Singh et al., "CASS: Cross Architectural Self-Supervision for Medical Image Analysis", arXiv 2206.04170;
+Singh et al., "Efficient Representation Learning for Healthcare with Cross-Architectural Self-Supervision",
+MLHC 2023, arXiv 2308.10064.
+
+A CNN (ResNet-50 in the paper) and a vision transformer (ViT-B/16) see the *same* augmented image. Each
+network's embedding is the other's target, with gradient into both::
+
+    L = mean_i ( 2 − 2 · cos(f_cnn(x_i), f_vit(x_i)) )
+
+There is no momentum encoder, no queue and no negatives, so nothing depends on the batch size except the
+CNN's batch norm — the paper's argument for small-batch robustness. Each network has its own optimiser and
+learning-rate schedule (Adam, lr 1e-3, cosine in the paper): :meth:`CASS.parameter_sets` declares the sets
+``cnn`` and ``vit``, the trainer builds one optimiser + schedule per set, and ``optim.sets.cnn`` /
+``optim.sets.vit`` override the optimiser settings of one of them.
+
+The embedding ``f`` is, with ``head: logits``, a linear classifier of width ``embed_dim`` (1000) on the pooled
+features — what the paper did, using the networks' ImageNet 1000-way classifier logits as embedding; with
+``head: mlp``, a projection MLP ``d → mlp_hidden → embed_dim``. Either way the head is dropped at export:
+``encoders()`` returns the two backbones, written as ``encoder_cnn.safetensors`` and ``encoder_vit.safetensors``
+in timm's key layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.errors import ConfigError
+from medssl.methods import register
+from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec
+from medssl.nn.backbones import build_backbone, feature_dim, is_vit
+from medssl.nn.heads import projection_mlp
+from medssl.transforms.intensity import normalize
+from medssl.transforms.views import ViewSampler
+
+HEADS = ("logits", "mlp")
+
+
+def cass_loss(f_cnn: torch.Tensor, f_vit: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """CASS loss ``mean_i (2 − 2 · cos(f_cnn[i], f_vit[i]))`` (Singh et al. 2022, Eq. 1).
+
+    Equal to the mean squared distance of the L2-normalised embeddings. Symmetric: the gradient reaches both
+    inputs (no stop-gradient). Computed in float32 even under bf16 autocast.
+
+    Args:
+        f_cnn: (N, D) embeddings of the CNN.
+        f_vit: (N, D) embeddings of the ViT, row-aligned with ``f_cnn`` (same images).
+        eps: guards the normalisation of a zero vector.
+
+    Returns:
+        A scalar tensor in ``[0, 4]``.
+    """
+    if f_cnn.shape != f_vit.shape or f_cnn.dim() != 2:
+        raise ValueError(f"f_cnn and f_vit must both be (N, D); got {tuple(f_cnn.shape)} and {tuple(f_vit.shape)}")
+    a = F.normalize(f_cnn.float(), dim=1, eps=eps)
+    b = F.normalize(f_vit.float(), dim=1, eps=eps)
+    return (2.0 - 2.0 * (a * b).sum(dim=1)).mean()
+
+
+@dataclass
+class CASSConfig(MethodConfig):
+    """CASS hyper-parameters. The CNN is ``model.backbone`` (and ``model.stem`` applies to it).
+
+    Attributes:
+        vit_backbone: timm transformer trained alongside the CNN; built with ``img_size`` = the data's image
+            size, which must be a multiple of its patch size. ``vit_base_patch16_224`` in the paper,
+            ``vit_tiny_patch16_224`` for CPU runs.
+        head: ``logits`` — a linear layer ``d → embed_dim`` on each network's pooled features, as the paper's
+            use of the networks' 1000-way classifier logits; ``mlp`` — a projection MLP
+            ``d → mlp_hidden → embed_dim`` with ReLU.
+        embed_dim: width of the shared embedding; ``0`` = 1000 for ``logits`` (the ImageNet classifier width
+            the paper used), 256 for ``mlp``.
+        mlp_hidden: hidden width of the ``mlp`` head.
+    """
+
+    vit_backbone: str = "vit_tiny_patch16_224"
+    head: str = "logits"
+    embed_dim: int = 0
+    mlp_hidden: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"method.head must be one of {HEADS}, got '{self.head}'")
+        if self.embed_dim < 0 or self.mlp_hidden < 1:
+            raise ConfigError(f"method.embed_dim must be >= 0 and method.mlp_hidden >= 1, got "
+                              f"{self.embed_dim} and {self.mlp_hidden}")
+
+
+def _patch_size(model: nn.Module) -> int | None:
+    ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if ps is None:
+        return None
+    return int(ps[0]) if isinstance(ps, tuple | list) else int(ps)
+
+
+@register
+class CASS(Method):
+    """CASS: a CNN and a ViT, each the other's target, trained with their own optimisers."""
+
+    name = "cass"
+    description = "CASS: CNN + ViT trained together, each the other's target (Singh et al. 2022/2023)"
+    config_cls = CASSConfig
+    default_lr = 1e-3
+    default_optimizer = "adamw"
+    paper = "Singh et al., CASS: Cross Architectural Self-Supervision for Medical Image Analysis, arXiv 2206.04170"
+    view_spec = ViewSpec(num_views=1)
+
+    def __init__(self, cfg: Any, data: DataInfo) -> None:
+        super().__init__()
+        m = CASSConfig(**cfg.method)
+        self.hparams = m
+        if data.spatial_dims != 2:
+            raise ConfigError(
+                f"cass supports 2D images only (its ViT is a 2D timm model); the data has spatial_dims="
+                f"{data.spatial_dims}. Use a 2D dataset, or a 3D method such as mocov2 with a 3D backbone"
+            )
+        cnn_name, vit_name = cfg.model.backbone, m.vit_backbone
+        if is_vit(cnn_name):
+            raise ConfigError(f"cass: model.backbone is the CNN and must not be a transformer, got '{cnn_name}' "
+                              "(the transformer is method.vit_backbone)")
+        if not is_vit(vit_name):
+            raise ConfigError(f"cass: method.vit_backbone must be a timm vision transformer (e.g. "
+                              f"vit_tiny_patch16_224), got '{vit_name}'")
+        self.cnn = build_backbone(cnn_name, in_chans=data.in_chans, image_size=data.image_size,
+                                  stem=cfg.model.stem, pretrained=cfg.model.pretrained, spatial_dims=2)
+        self.vit = build_backbone(vit_name, in_chans=data.in_chans, image_size=data.image_size,
+                                  pretrained=cfg.model.pretrained, spatial_dims=2)
+        patch = _patch_size(self.vit)
+        if patch is not None and data.image_size % patch:
+            raise ConfigError(
+                f"cass: image size {data.image_size} is not a multiple of the patch size {patch} of "
+                f"'{vit_name}' (the ViT would drop the last {data.image_size % patch} px); choose "
+                f"--image-size {max(patch, data.image_size // patch * patch)} or "
+                f"{(data.image_size // patch + 1) * patch}"
+            )
+        d_cnn, d_vit = feature_dim(self.cnn), feature_dim(self.vit)
+        embed = m.embed_dim or (1000 if m.head == "logits" else 256)
+        if m.head == "logits":
+            self.cnn_head: nn.Module = nn.Linear(d_cnn, embed)
+            self.vit_head: nn.Module = nn.Linear(d_vit, embed)
+        else:
+            self.cnn_head = projection_mlp(d_cnn, m.mlp_hidden, embed)
+            self.vit_head = projection_mlp(d_vit, m.mlp_hidden, embed)
+        self.embed_dim = embed
+        self.cnn_name, self.vit_name = cnn_name, vit_name
+        self.stem = cfg.model.stem
+        self.in_chans = data.in_chans
+        self.image_size = data.image_size
+        self.views = ViewSampler(cfg.views, data.image_size, 2)
+
+    # -- embeddings ---------------------------------------------------------------------------------
+    def embed_cnn(self, x: torch.Tensor) -> torch.Tensor:
+        """CNN embedding of a normalised batch."""
+        return self.cnn_head(self.cnn(x))
+
+    def embed_vit(self, x: torch.Tensor) -> torch.Tensor:
+        """ViT embedding of a normalised batch."""
+        return self.vit_head(self.vit(x))
+
+    # -- step -----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> StepOutput:
+        x = normalize(self.views(batch["image"]).images)  # one view, seen by both networks
+        h_cnn, h_vit = self.cnn(x), self.vit(x)
+        z_cnn, z_vit = self.cnn_head(h_cnn), self.vit_head(h_vit)
+        loss = cass_loss(z_cnn, z_vit)
+        with torch.no_grad():
+            a = F.normalize(z_cnn.detach().float(), dim=1)
+            b = F.normalize(z_vit.detach().float(), dim=1)
+            scale = a.shape[1] ** 0.5
+            logs = {
+                "cos": float((a * b).sum(1).mean()),
+                # std over the batch of normalised embeddings x sqrt(D): ~1 when spread out, -> 0 on collapse
+                "embedding_std_cnn": float(a.std(dim=0).mean() * scale) if a.shape[0] > 1 else float("nan"),
+                "embedding_std_vit": float(b.std(dim=0).mean() * scale) if b.shape[0] > 1 else float("nan"),
+            }
+        embeddings = {"cnn_backbone": h_cnn.detach(), "cnn_head": z_cnn.detach(), "vit_backbone": h_vit.detach(),
+                      "vit_head": z_vit.detach()}  # for the trainer's collapse diagnostics
+        return StepOutput(loss=loss, logs=logs, embeddings=embeddings)
+
+    def parameter_sets(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Two optimisers, as in the paper: ``cnn`` (CNN + its head) and ``vit`` (ViT + its head)."""
+        sets: dict[str, list[tuple[str, nn.Parameter]]] = {"cnn": [], "vit": []}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                sets["cnn" if n.startswith(("cnn.", "cnn_head.")) else "vit"].append((n, p))
+        return sets
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"cnn": self.cnn, "vit": self.vit}
+
+    def export_meta(self) -> dict[str, dict[str, str]]:
+        common = {"format": "timm", "in_chans": str(self.in_chans), "image_size": str(self.image_size),
+                  "spatial_dims": "2", "method": "cass"}
+        return {
+            "cnn": {**common, "model_name": self.cnn_name, "stem": self.stem},
+            "vit": {**common, "model_name": self.vit_name, "stem": "default"},
+        }
