@@ -154,6 +154,14 @@ def _write_visuals(method: Method, batch: dict[str, torch.Tensor], step: int, ro
         method.train(was_training)
 
 
+def _finite_gradients(module: torch.nn.Module) -> bool:
+    """Are all gradients finite? One fused norm over every gradient: a NaN or Inf anywhere makes it non-finite."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+
 class TrainingInterrupted(MedsslError):
     """Training stopped on SIGTERM after writing a checkpoint (the CLI exits with code 143)."""
 
@@ -375,19 +383,24 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 finite = torch.isfinite(loss.detach()).float()
                 if fabric.world_size > 1:  # every rank must skip together, or DDP's gradient all-reduce hangs
                     finite = fabric.all_reduce(finite, reduce_op="min")
+                if bool(finite):
+                    fabric.backward(loss)
+                    # DDP has already averaged the gradients, so every rank sees the same verdict
+                    finite = _finite_gradients(method)
                 if not bool(finite):
                     bad_steps += 1
                     for opt in fab_opts.values():
                         opt.zero_grad(set_to_none=True)
-                    log.warning("step %d: non-finite loss (%s), step skipped", step, float(loss.detach()))
+                    what = "loss" if not math.isfinite(float(loss.detach())) else "gradients"
+                    log.warning("step %d: non-finite %s (loss %s), step skipped", step, what, float(loss.detach()))
                     if bad_steps >= MAX_BAD_STEPS:
                         raise MedsslError(
-                            f"{bad_steps} consecutive non-finite losses at step {step}; stopped. "
-                            f"The last good checkpoint is {paths.last}. Lower the learning rate or check the data."
+                            f"{bad_steps} consecutive non-finite losses or gradients at step {step}; stopped. "
+                            f"The last good checkpoint is {paths.last}. Lower the learning rate, set "
+                            "optim.grad_clip, or check the data."
                         )
                     continue
                 bad_steps = 0
-                fabric.backward(loss)
                 for name, opt in fab_opts.items():  # clips the norm of this optimiser's parameters
                     if set_cfgs[name].grad_clip > 0:
                         fabric.clip_gradients(model, opt, max_norm=set_cfgs[name].grad_clip)

@@ -43,20 +43,22 @@ def info_nce(
     """
     if query.shape != key.shape or query.dim() != 2:
         raise ValueError(f"query and key must both be (N, D); got {tuple(query.shape)} and {tuple(key.shape)}")
-    # Similarities in fp32 even under bf16 autocast: exp/log of logits / 0.2 overflows bf16's mantissa.
-    query = query.float()
-    key = key.float()
-    if normalize:
-        query = F.normalize(query, dim=1)
-        key = F.normalize(key, dim=1)
-    if queue is not None:
-        pos = (query * key).sum(dim=1, keepdim=True)
-        neg = query @ queue.float().t()
-        logits = torch.cat([pos, neg], dim=1) / temperature
-        labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    # Similarities in fp32 even under bf16 autocast: exp/log of logits / 0.2 overflow bf16's 8-bit mantissa. A
+    # .float() alone is not enough: autocast would run the matmuls below in bf16 again.
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        query = query.float()
+        key = key.float()
+        if normalize:
+            query = F.normalize(query, dim=1)
+            key = F.normalize(key, dim=1)
+        if queue is not None:
+            pos = (query * key).sum(dim=1, keepdim=True)
+            neg = query @ queue.float().t()
+            logits = torch.cat([pos, neg], dim=1) / temperature
+            labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+            return F.cross_entropy(logits, labels)
+        keys = dist_utils.gather(key) if gather_distributed else key
+        offset = dist_utils.rank() * query.shape[0] if gather_distributed else 0
+        logits = query @ keys.t() / temperature
+        labels = torch.arange(query.shape[0], device=query.device) + offset
         return F.cross_entropy(logits, labels)
-    keys = dist_utils.gather(key) if gather_distributed else key
-    offset = dist_utils.rank() * query.shape[0] if gather_distributed else 0
-    logits = query @ keys.t() / temperature
-    labels = torch.arange(query.shape[0], device=query.device) + offset
-    return F.cross_entropy(logits, labels)
