@@ -187,6 +187,36 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
     raise ConfigError(f"--checkpoint {path}: expected an encoder .safetensors or a training .ckpt")
 
 
+INITS = ("random", "imagenet")
+"""Baseline initialisations ``evaluate(init=...)`` accepts."""
+
+
+def _init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
+                   model_cfg: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The ``random-init`` / ``imagenet-init`` baseline encoders, and a skip message for each one that cannot be
+    built here (ImageNet weights offline, or for a 3D backbone); skips are also logged to stderr."""
+    import logging
+
+    from medssl.export import WeightsUnavailable, imagenet_encoder, random_encoder
+
+    out: list[tuple[str, Any]] = []
+    skipped: list[str] = []
+    for name in dict.fromkeys(inits):
+        if name == "random":
+            out.append(("random-init", random_encoder(
+                backbone, in_chans=ds.in_chans, image_size=ds.image_size, stem=stem, spatial_dims=ds.spatial_dims,
+                seed=0, patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"))))
+            continue
+        try:
+            out.append(("imagenet-init", imagenet_encoder(
+                backbone, in_chans=ds.in_chans, image_size=ds.image_size, spatial_dims=ds.spatial_dims,
+                patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"))))
+        except WeightsUnavailable as e:
+            skipped.append(f"imagenet-init: {e}; skipped")
+            logging.getLogger("medssl").warning("%s; skipped", e)
+    return out, skipped
+
+
 def evaluate(
     data: str,
     out: str | Path,
@@ -206,8 +236,14 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     splits_file: str | Path | None = None,
+    epochs: int | None = None,
+    protocol_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate encoders on a labelled dataset at several label fractions and seeds.
+
+    ``finetune`` and ``segment`` train on the images (a fresh copy of each encoder per fraction and seed);
+    ``epochs`` (``--epochs``) is their training length and ``protocol_options`` any other option of the
+    protocol (e.g. ``{"lr": 1e-4, "layer_decay": 0.75}``).
 
     The train/val/test assignment and every label-fraction subset used are written to ``out/splits.csv``;
     ``splits_file`` (``--splits``) makes the dataset use the splits of such a file (or of a run's
@@ -229,13 +265,12 @@ def evaluate(
     from medssl.eval.features import extract_features
     from medssl.eval.protocol import FeatureSet, run_protocol
     from medssl.eval.results import format_table, summarize, write_results
-    from medssl.export import random_encoder
 
     t0 = time.perf_counter()
     inits = [init] if isinstance(init, str) else list(init or [])
     for i in inits:
-        if i not in ("random",):
-            raise ConfigError(f"--init {i}: supported here: random (imagenet arrives with the evaluation suite)")
+        if i not in INITS:
+            raise ConfigError(f"--init {i}: expected one of {', '.join(INITS)}")
     if run is None and checkpoint is None and not inits:
         raise ConfigError("nothing to evaluate: give --run DIR, --checkpoint FILE or --init random")
     encoders: list[tuple[str, Any]] = []
@@ -251,17 +286,17 @@ def evaluate(
     dcfg = build_dataclass(DataConfig, {**data_section, "spec": data, "image_size": size, "task": task,
                                         "splits": str(splits_file) if splits_file else None}, where="data")
     ds = open_from_config(dcfg)
-    if ds.labels is None and protocol != "collapse":
+    if ds.labels is None and protocol not in ("collapse", "segment"):
         raise ConfigError(f"data {data}: has no labels; evaluation needs a labelled dataset")
-    if inits:
-        encoders.append((
-            "random-init",
-            random_encoder(
-                backbone or model_cfg.get("backbone", "resnet18"), in_chans=ds.in_chans, image_size=ds.image_size,
-                stem=stem or model_cfg.get("stem", "default"), spatial_dims=ds.spatial_dims, seed=0,
-                patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"),
-            ),
-        ))
+    image_protocol = protocol in ("finetune", "segment")
+    if epochs is not None and not image_protocol:
+        raise ConfigError(f"--epochs applies to --protocol finetune / segment, not {protocol}")
+    options = {**(protocol_options or {}), **({"epochs": int(epochs)} if epochs is not None else {})}
+    found_inits, skipped = _init_encoders(inits, ds, backbone or model_cfg.get("backbone", "resnet18"),
+                                          stem or model_cfg.get("stem", "default"), model_cfg)
+    encoders += found_inits
+    if not encoders:
+        raise ConfigError("nothing to evaluate: " + "; ".join(skipped))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if protocol == "collapse":  # spectrum, effective rank and std of the features of every image; no labels
         from medssl.eval.collapse import evaluate_collapse
@@ -275,6 +310,16 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     for label, enc in encoders:
         enc = enc.to(dev)
+        if image_protocol:  # trains on the images: no frozen features
+            from medssl.eval.images import ImageTask
+
+            image_task = ImageTask.from_dataset(ds, enc, device=dev, splits=splits)
+            for row in run_protocol(image_task, protocol, list(label_fractions), list(seeds), **options):
+                rows.append({"encoder": label, **row})
+            if progress:
+                print(f"evaluated {label}: {protocol} on {len(splits['train'])} train / {len(splits['test'])} test "
+                      "images", flush=True)
+            continue
         feats = {s: extract_features(enc, ds, idx, batch_size=batch_size, device=dev) if len(idx) else None
                  for s, idx in splits.items()}
         fs = FeatureSet(
@@ -282,8 +327,9 @@ def evaluate(
             test_x=feats["test"], test_y=ds.labels[splits["test"]],
             val_x=feats["val"], val_y=ds.labels[splits["val"]] if feats["val"] is not None else None,
             multilabel=ds.multilabel, num_classes=ds.num_classes,
+            test_groups=ds.patient_ids[splits["test"]],
         )
-        for row in run_protocol(fs, protocol, list(label_fractions), list(seeds)):
+        for row in run_protocol(fs, protocol, list(label_fractions), list(seeds), **options):
             rows.append({"encoder": label, **row})
         if progress:
             print(f"evaluated {label}: {protocol} probe on {len(splits['train'])} train / {len(splits['test'])} test images",
@@ -293,10 +339,13 @@ def evaluate(
         "seeds": list(seeds), "encoders": [e for e, _ in encoders], "run": str(run) if run else None,
         "checkpoint": str(checkpoint) if checkpoint else None, "seconds": round(time.perf_counter() - t0, 1),
     }
+    if skipped:
+        meta["skipped"] = "; ".join(skipped)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out, meta=meta)
-    subsets = {f"subset:{f:g}:seed{sd}": splits["train"][np.asarray(stratified_fraction(ds.labels[splits["train"]], f, sd, 1))]
+    strat = ds.labels[splits["train"]] if ds.labels is not None else np.zeros(len(splits["train"]), dtype=np.int64)
+    subsets = {f"subset:{f:g}:seed{sd}": splits["train"][np.asarray(stratified_fraction(strat, f, sd, 1))]
                for f in label_fractions for sd in seeds}
     write_split_manifest(ds, out / "splits.csv", subsets)
     summary = summarize(rows)

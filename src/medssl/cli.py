@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
     ev.add_argument("--run", help="run directory of a pretraining run")
     ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    ev.add_argument("--init", action="append", choices=["random"], help="baseline initialisation (repeatable)")
+    ev.add_argument("--init", action="append", choices=["random", "imagenet"],
+                    help="baseline initialisation (repeatable); imagenet is skipped with a note when offline")
     ev.add_argument("--data", required=True, help=_data_help())
     ev.add_argument("--task", help="label task where the dataset has several")
-    ev.add_argument("--protocol", default="linear", choices=["linear", "knn", "collapse"],
-                    help="linear / knn probes, or collapse: spectrum + effective rank + std of the features (and a plot)")
+    ev.add_argument("--protocol", default="linear", choices=["linear", "knn", "finetune", "segment", "collapse"],
+                    help="linear / knn probes, finetune (whole network + linear head), segment (decoder on the "
+                    "encoder, needs masks), or collapse: spectrum + effective rank + std of the features (and a plot)")
+    ev.add_argument("--epochs", type=_positive_int, help="training epochs of --protocol finetune / segment (default 20)")
     ev.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
     ev.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     ev.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit, both)")
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="pretrain mocov2 on phantom2d and compare with random init (minutes on CPU)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--max-steps", type=_positive_int, help="shorten or lengthen the demo's pretraining")
+    from medssl.cli_eval import add_parsers
+
+    add_parsers(sub, _floats, _ints, _positive_int, _data_help())
     return p
 
 
@@ -153,7 +160,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     res = evaluate(
         a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, protocol=a.protocol,
         label_fractions=a.label_fractions, seeds=a.seeds, task=a.task, encoder=a.encoder, backbone=a.backbone,
-        image_size=a.image_size, batch_size=a.batch_size, device=a.device, splits_file=a.splits,
+        image_size=a.image_size, batch_size=a.batch_size, device=a.device, splits_file=a.splits, epochs=a.epochs,
     )
     print(res["table"])
     print(f"results written to {Path(a.out) / 'results.json'} and results.md")
@@ -189,6 +196,28 @@ def _setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+EXIT_PEER_FAILED = 1
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """Is ``e`` the collective error a healthy DDP rank gets when another rank has died?
+
+    Such a rank would otherwise print a long traceback from inside torch.distributed that hides the real error
+    (printed by the rank that failed).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistBackendError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "NCCL communicator was aborted", "ProcessGroupNCCL", "remote worker crashing")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medssl`` command."""
     parser = build_parser()
@@ -200,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"methods": lambda: _cmd_methods(), "pretrain": lambda: _cmd_pretrain(args),
                 "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args),
                 "inspect": lambda: _cmd_inspect(args)}
+    from medssl.cli_eval import HANDLERS
+
+    handlers.update({name: (lambda fn=fn: fn(args)) for name, fn in HANDLERS.items()})
     try:
         return handlers[args.command]()
     except MedsslError as e:
@@ -209,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medssl: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _peer_failure(e):
+            raise
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+        print(f"medssl: process {rank} of this distributed run stopped because another process failed (its error "
+              f"is printed above or in that process's log): {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        return EXIT_PEER_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -180,3 +180,87 @@ def random_encoder(
         backbone = build_backbone(model_name, in_chans=in_chans, image_size=image_size, stem=stem,
                                   spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool)
     return Encoder(backbone).eval()
+
+
+IMAGENET_WEIGHTS_ENV = "MEDSSL_IMAGENET_WEIGHTS"
+"""Environment variable naming a local ImageNet weights file (timm layout, ``.safetensors`` / ``.pth``)."""
+
+
+class WeightsUnavailable(CheckpointError):
+    """ImageNet weights cannot be had here (no network and not cached); baselines that need them are skipped."""
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's name resolves and its port answers (a quick offline check)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_imagenet_file(model_name: str) -> str | None:
+    """The timm weights of ``model_name`` already in the local Hugging Face cache, if any."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors", "pytorch_model.bin"]
+    for fname in names:
+        found = try_to_load_from_cache(hub_id, fname)
+        if isinstance(found, str) and Path(found).is_file():
+            return found
+    return None
+
+
+def imagenet_encoder(
+    model_name: str, *, in_chans: int, image_size: int | None, spatial_dims: int = 2, patch_size: int | None = None,
+    global_pool: str | None = None, weights_file: str | Path | None = None,
+) -> Encoder:
+    """A 2D timm backbone with ImageNet weights (the ``--init imagenet`` baseline), default stem.
+
+    Weights come from ``weights_file``, else the file named by ``$MEDSSL_IMAGENET_WEIGHTS``, else the local
+    Hugging Face cache, else timm's download. timm adapts the first convolution to ``in_chans`` (summing the
+    RGB filters for one channel) and resamples ViT position embeddings to ``image_size``.
+
+    Raises:
+        WeightsUnavailable: 3D backbone, or no file given, nothing cached and no network (message starts with
+            ``imagenet weights unavailable``).
+        CheckpointError: a given weights file is missing or does not fit the model.
+        ConfigError: not a timm model name.
+    """
+    import timm
+
+    from medssl.errors import ConfigError
+    from medssl.nn.backbones import timm_kwargs
+
+    if spatial_dims != 2:
+        raise WeightsUnavailable(f"imagenet weights unavailable: {model_name} is a {spatial_dims}D backbone and timm's "
+                                 "ImageNet weights are 2D")
+    if not timm.is_model(model_name):
+        raise ConfigError(f"unknown backbone '{model_name}': not a timm model name")
+    kwargs = timm_kwargs(model_name, in_chans=in_chans, image_size=image_size, patch_size=patch_size,
+                         global_pool=global_pool)
+    given = weights_file or os.environ.get(IMAGENET_WEIGHTS_ENV) or None
+    if given is not None and not Path(given).is_file():
+        where = f"${IMAGENET_WEIGHTS_ENV}" if weights_file is None else "ImageNet weights file"
+        raise CheckpointError(f"{where} {given}: not found")
+    file = str(given) if given is not None else _cached_imagenet_file(model_name)
+    if file is None and not _hub_reachable():
+        raise WeightsUnavailable(
+            f"imagenet weights unavailable offline: {model_name} is not in the Hugging Face cache and huggingface.co "
+            f"cannot be reached (set ${IMAGENET_WEIGHTS_ENV} to a local weights file)")
+    if file is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": file}
+    try:
+        model = timm.create_model(model_name, pretrained=True, **kwargs)
+    except Exception as e:  # network errors come in many types (OSError, HF hub errors, URLError)
+        if given is not None:
+            raise CheckpointError(f"ImageNet weights file {given}: does not fit {model_name}: {e}") from None
+        raise WeightsUnavailable(f"imagenet weights unavailable offline: {type(e).__name__}: {e}") from None
+    return Encoder(model).eval()

@@ -12,16 +12,22 @@ from sklearn.metrics import (
     average_precision_score,
     balanced_accuracy_score,
     f1_score,
+    jaccard_score,
+    recall_score,
     roc_auc_score,
 )
 
 from medssl.errors import DataError
 from medssl.eval.metrics import (
+    BINARY_METRIC_NAMES,
     METRIC_NAMES,
     average_precision,
     classification_metrics,
     classification_metrics_with_notes,
+    dice_jaccard,
+    per_class_metrics,
     roc_auc,
+    segmentation_metrics_with_notes,
 )
 
 
@@ -45,8 +51,13 @@ def test_binary_matches_sklearn(seed: int) -> None:
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
     assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
-    assert list(m) == list(METRIC_NAMES)
+    assert list(m) == list(METRIC_NAMES) + list(BINARY_METRIC_NAMES)
     assert all(isinstance(v, float) for v in m.values())
+    # Binary: micro equals the binary value (scikit-learn ignores `average` for binary targets).
+    assert m["auc_micro"] == pytest.approx(roc_auc_score(y, p1, average="micro"), abs=1e-12)
+    assert m["ap_micro"] == pytest.approx(average_precision_score(y, p1, average="micro"), abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred, pos_label=1), abs=1e-12)
+    assert m["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -67,6 +78,15 @@ def test_multiclass_matches_sklearn(seed: int) -> None:
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
     assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
+    assert m["auc_micro"] == pytest.approx(roc_auc_score(onehot, score, average="micro"), abs=1e-12)
+    assert m["ap_micro"] == pytest.approx(average_precision_score(onehot, score, average="micro"), abs=1e-12)
+    assert list(m) == list(METRIC_NAMES)  # no sensitivity / specificity beyond two classes
+    per = per_class_metrics(y, score, class_names=["a", "b", "c", "d"])
+    assert list(per["auc"]) == ["a", "b", "c", "d"]
+    ref_auc = roc_auc_score(onehot, score, average=None)
+    ref_ap = average_precision_score(onehot, score, average=None)
+    np.testing.assert_allclose(list(per["auc"].values()), ref_auc, atol=1e-12)
+    np.testing.assert_allclose(list(per["ap"].values()), ref_ap, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -83,6 +103,13 @@ def test_multilabel_matches_sklearn(seed: int) -> None:
     per_label_bal = np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(k)])
     assert m["balanced_accuracy"] == pytest.approx(per_label_bal, abs=1e-12)
     assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
+    assert m["auc_micro"] == pytest.approx(roc_auc_score(y, score, average="micro"), abs=1e-12)
+    assert m["ap_micro"] == pytest.approx(average_precision_score(y, score, average="micro"), abs=1e-12)
+    per = per_class_metrics(y, score, multilabel=True)
+    np.testing.assert_allclose(list(per["auc"].values()), roc_auc_score(y, score, average=None), atol=1e-12)
+    np.testing.assert_allclose(
+        list(per["ap"].values()), average_precision_score(y, score, average=None), atol=1e-12
+    )
 
 
 def test_binary_ap_and_auc_helpers_with_all_ties() -> None:
@@ -107,6 +134,14 @@ def test_multiclass_absent_class_is_left_out_with_a_note() -> None:
     assert m["ap_macro"] == pytest.approx(ref_ap, abs=1e-12)
     assert any("auc_macro" in note and "class 2 ('c')" in note for note in notes)
     assert any("ap_macro" in note and "class 2" in note for note in notes)
+    # Micro averages stay defined and equal scikit-learn on the one-hot matrix with the empty column.
+    onehot = np.eye(k)[y]
+    assert m["auc_micro"] == pytest.approx(roc_auc_score(onehot, score, average="micro"), abs=1e-12)
+    assert m["ap_micro"] == pytest.approx(average_precision_score(onehot, score, average="micro"), abs=1e-12)
+    # Per class: the absent class is NaN (scikit-learn warns and returns NaN or fails for it).
+    per = per_class_metrics(y, score)
+    assert math.isnan(per["auc"]["2"]) and math.isnan(per["ap"]["2"])
+    assert per["auc"]["3"] == pytest.approx(roc_auc_score(y == 3, score[:, 3]), abs=1e-12)
 
 
 def test_single_class_in_y_true_gives_nan_and_reason() -> None:
@@ -123,11 +158,15 @@ def test_single_class_in_y_true_gives_nan_and_reason() -> None:
         warnings.simplefilter("ignore")
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred, pos_label=1))
+    assert math.isnan(m["specificity"])  # no negatives
+    assert any("specificity is NaN" in note and "no negatives" in note for note in notes)
 
     # Only negatives: AUC and AP are both undefined.
     m0, notes0 = classification_metrics_with_notes(np.zeros(10, dtype=np.int64), score)
     assert math.isnan(m0["auc_macro"]) and math.isnan(m0["ap_macro"])
     assert any("ap_macro is NaN" in note for note in notes0)
+    assert math.isnan(m0["sensitivity"]) and any("sensitivity is NaN" in note for note in notes0)
 
     # Multi-class with a single class present: every one-vs-rest AUC is undefined.
     m3, notes3 = classification_metrics_with_notes(np.zeros(6, dtype=np.int64), np.full((6, 3), 1 / 3))
@@ -170,7 +209,8 @@ def test_multilabel_all_labels_one_sided_is_nan() -> None:
     m, notes = classification_metrics_with_notes(y, np.full((5, 2), 0.2), multilabel=True)
     assert math.isnan(m["auc_macro"]) and math.isnan(m["ap_macro"]) and math.isnan(m["f1_macro"])
     assert m["accuracy"] == 1.0 and m["balanced_accuracy"] == 1.0
-    assert len(notes) == 3
+    assert math.isnan(m["auc_micro"]) and math.isnan(m["ap_micro"])
+    assert len(notes) == 4 and any("auc_micro and ap_micro are NaN" in note for note in notes)
 
 
 @pytest.mark.parametrize(
@@ -187,3 +227,45 @@ def test_multilabel_all_labels_one_sided_is_nan() -> None:
 def test_malformed_inputs_raise_data_error(y: np.ndarray, score: np.ndarray, multilabel: bool) -> None:
     with pytest.raises(DataError):
         classification_metrics(y, score, multilabel=multilabel)
+
+
+def test_dice_jaccard_by_hand() -> None:
+    # Image 0 (2x3): class 1 predicted on 3 pixels, true on 2, overlap 1 -> Dice 2/5, Jaccard 1/4.
+    # Class 2 only in image 1: exact there, absent from both maps in image 0 -> NaN.
+    pred = np.array([[[1, 1, 0], [1, 0, 0]], [[2, 2, 0], [0, 0, 1]]])
+    true = np.array([[[1, 0, 0], [0, 1, 0]], [[2, 2, 0], [0, 0, 0]]])
+    dice, jac = dice_jaccard(pred, true, 3)
+    assert dice[0, 1] == pytest.approx(2 / 5) and jac[0, 1] == pytest.approx(1 / 4)
+    assert dice[0, 0] == pytest.approx(2 * 2 / (3 + 4)) and jac[0, 0] == pytest.approx(2 / 5)  # bg: 3 vs 4 px, 2 shared
+    assert math.isnan(dice[0, 2]) and math.isnan(jac[0, 2])
+    assert dice[1, 2] == 1.0 and jac[1, 2] == 1.0
+    assert dice[1, 1] == 0.0 and jac[1, 1] == 0.0  # predicted where the truth has none: a miss, not NaN
+    # Against scikit-learn's per-image Jaccard where defined.
+    for i in range(2):
+        ref = jaccard_score(true[i].ravel(), pred[i].ravel(), labels=[0, 1, 2], average=None, zero_division=0)
+        ok = ~np.isnan(jac[i])
+        np.testing.assert_allclose(jac[i][ok], ref[ok])
+    metrics, per_class, notes = segmentation_metrics_with_notes(dice, jac, class_names=["bg", "a", "b"])
+    assert per_class["dice"]["a"] == pytest.approx((2 / 5 + 0) / 2)
+    assert per_class["dice"]["b"] == pytest.approx(1.0)  # only image 1 defines class 2
+    assert metrics["dice"] == pytest.approx(((2 / 5) / 2 + 1.0) / 2)
+    assert metrics["jaccard"] == pytest.approx(((1 / 4) / 2 + 1.0) / 2)
+    assert any("class 2 ('b')" in note and "1 of 2 images" in note for note in notes)
+
+
+def test_dice_all_background_prediction_is_zero_and_errors() -> None:
+    true = np.zeros((3, 4, 4), dtype=np.int64)
+    true[:, 1:3, 1:3] = 1
+    dice, jac = dice_jaccard(np.zeros_like(true), true, 2)
+    metrics, _, _ = segmentation_metrics_with_notes(dice, jac)
+    assert metrics == {"dice": 0.0, "jaccard": 0.0}
+    # A class in no map at all: NaN with the reason.
+    empty = np.zeros((2, 4, 4), dtype=np.int64)
+    m, _, notes = segmentation_metrics_with_notes(*dice_jaccard(empty, empty, 2))
+    assert math.isnan(m["dice"]) and any("neither the ground truth nor the prediction of any" in n for n in notes)
+    with pytest.raises(DataError):
+        dice_jaccard(np.zeros((2, 4, 4), dtype=np.int64), np.zeros((2, 4, 5), dtype=np.int64), 2)
+    with pytest.raises(DataError):
+        dice_jaccard(np.full((1, 2, 2), 2), np.zeros((1, 2, 2), dtype=np.int64), 2)
+    with pytest.raises(DataError):
+        dice_jaccard(np.zeros((1, 2, 2), dtype=np.float32), np.zeros((1, 2, 2), dtype=np.int64), 2)

@@ -112,3 +112,29 @@ def test_write_results_json_with_null_and_markdown(tmp_path: Path) -> None:
 def test_missing_keys_raise() -> None:
     with pytest.raises(DataError):
         summarize([{"protocol": "linear", "seed": 0, "metrics": {}}])
+
+
+def test_results_csv_and_single_seed_ci(tmp_path) -> None:
+    import csv
+
+    from medssl.eval.results import write_results
+
+    rows = [
+        {"encoder": "a", "protocol": "linear", "label_fraction": 0.1, "seed": 0, "n_train": 10,
+         "metrics": {"auc_macro": 0.8, "f1_macro": float("nan")},
+         "ci": {"auc_macro": [0.7, 0.9], "f1_macro": [float("nan"), float("nan")]},
+         "per_class": {"auc": {"x": 0.75, "y": 0.85}}},
+    ]
+    write_results(rows, tmp_path)
+    with open(tmp_path / "results.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [r["metric"] for r in lines] == ["auc_macro", "f1_macro", "auc[x]", "auc[y]"]
+    assert lines[0]["encoder"] == "a" and float(lines[0]["value"]) == 0.8
+    assert (float(lines[0]["ci_low"]), float(lines[0]["ci_high"])) == (0.7, 0.9)
+    assert lines[1]["value"] == "" and lines[1]["ci_low"] == ""
+    md = (tmp_path / "results.md").read_text()
+    assert "0.800 [0.700, 0.900]" in md
+    # Several seeds: mean ± std, no CI in the table.
+    two = [rows[0], {**rows[0], "seed": 1, "metrics": {"auc_macro": 0.6}, "ci": {"auc_macro": [0.5, 0.7]}}]
+    write_results(two, tmp_path)
+    assert "0.700 ± 0.141" in (tmp_path / "results.md").read_text()

@@ -20,6 +20,14 @@ conventions exactly:
   F1 macro averages over the classes present in ``y_true`` or in the predictions (scikit-learn's default
   label set).
 
+* ``auc_micro`` / ``ap_micro``: multi-class and multi-label -> the metric of the flattened one-hot (or 0/1)
+  label matrix against the flattened score matrix (scikit-learn's ``average="micro"`` on the indicator
+  matrix); binary -> the binary value, as scikit-learn ignores ``average`` for binary targets.
+* ``sensitivity`` / ``specificity`` (binary tasks only): recall of class 1 and of class 0, from ``argmax``.
+* :func:`per_class_metrics`: ROC AUC and AP of every class (one-vs-rest) or label.
+* :func:`dice_jaccard` / :func:`segmentation_metrics_with_notes`: Dice and Jaccard of label maps, per image
+  and class, and their means over images and foreground classes.
+
 Edge cases (a single class in ``y_true``, a class absent from ``y_true``, constant scores) never raise:
 they produce ``NaN`` or a well-defined value plus a human-readable note from
 :func:`classification_metrics_with_notes`. Malformed inputs (wrong shapes, labels outside the score
@@ -29,14 +37,23 @@ columns, non-finite scores, empty arrays) raise :class:`medssl.errors.DataError`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from medssl.errors import DataError
 
-METRIC_NAMES: tuple[str, ...] = ("auc_macro", "ap_macro", "accuracy", "balanced_accuracy", "f1_macro")
+METRIC_NAMES: tuple[str, ...] = (
+    "auc_macro", "ap_macro", "auc_micro", "ap_micro", "accuracy", "balanced_accuracy", "f1_macro"
+)
 """Keys of the dictionary returned by :func:`classification_metrics`, in display order."""
+
+BINARY_METRIC_NAMES: tuple[str, ...] = ("sensitivity", "specificity")
+"""Extra keys returned for binary (two-class, not multi-label) tasks, after :data:`METRIC_NAMES`."""
+
+SEGMENTATION_METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard")
+"""Keys of the dictionary returned by :func:`segmentation_metrics_with_notes`."""
 
 MULTILABEL_THRESHOLD = 0.5
 """Probability at or above which a label counts as predicted positive in multi-label mode."""
@@ -187,6 +204,7 @@ def _multiclass(
                 f"ap_macro is NaN: y_true contains no {_name(class_names, 1, 'class')} (the positive class)"
             )
         out["auc_macro"], out["ap_macro"] = auc, ap
+        out["auc_micro"], out["ap_micro"] = auc, ap
     else:
         aucs = [roc_auc(y == c, s[:, c]) for c in range(k)]
         aps = [average_precision(y == c, s[:, c]) for c in range(k)]
@@ -202,6 +220,9 @@ def _multiclass(
             notes,
         )
         out["ap_macro"] = _macro(aps, absent, "ap_macro", "absent from y_true", "class", class_names, notes)
+        onehot = np.eye(k, dtype=bool)[y]
+        out["auc_micro"] = roc_auc(onehot.ravel(), s.ravel())  # every row has one positive: always defined
+        out["ap_micro"] = average_precision(onehot.ravel(), s.ravel())
 
     pred = np.argmax(s, axis=1)
     out["accuracy"] = float(np.mean(pred == y))
@@ -213,6 +234,13 @@ def _multiclass(
     fp = np.array([np.sum((pred == c) & (y != c)) for c in labels], dtype=np.float64)
     fn = np.array([np.sum((pred != c) & (y == c)) for c in labels], dtype=np.float64)
     out["f1_macro"] = float(np.mean(_f1(tp, fp, fn)))
+    if k == 2:
+        for key, c, word in (("sensitivity", 1, "positives"), ("specificity", 0, "negatives")):
+            if counts[c]:
+                out[key] = float(np.mean(pred[y == c] == c))
+            else:
+                out[key] = math.nan
+                notes.append(f"{key} is NaN: y_true has no {word} ({_name(class_names, c, 'class')})")
     return out
 
 
@@ -238,6 +266,13 @@ def _multilabel(
     out["ap_macro"] = _macro(
         aps, no_pos, "ap_macro", "has no positive in y_true", "label", class_names, notes
     )
+    out["auc_micro"] = roc_auc(y.ravel(), s.ravel())
+    out["ap_micro"] = average_precision(y.ravel(), s.ravel())
+    total = int(y.sum())
+    if total == 0 or total == y.size:
+        which = "no positive" if total == 0 else "no negative"
+        undefined = "auc_micro and ap_micro are" if total == 0 else "auc_micro is"
+        notes.append(f"{undefined} NaN: y_true has {which} label at all")
 
     pred = s >= MULTILABEL_THRESHOLD
     out["accuracy"] = float(np.mean(np.all(pred == y, axis=1)))
@@ -289,7 +324,166 @@ def classification_metrics_with_notes(
     y, s = _validate(y_true, y_score, multilabel)
     notes: list[str] = []
     metrics = _multilabel(y, s, class_names, notes) if multilabel else _multiclass(y, s, class_names, notes)
-    return {name: float(metrics[name]) for name in METRIC_NAMES}, notes
+    names = metric_names(s.shape[1], multilabel)
+    return {name: float(metrics[name]) for name in names}, notes
+
+
+def metric_names(num_classes: int, multilabel: bool) -> tuple[str, ...]:
+    """The keys :func:`classification_metrics` returns for a task: :data:`METRIC_NAMES`, plus
+    :data:`BINARY_METRIC_NAMES` for a binary (two-class, single-label) task."""
+    return METRIC_NAMES + (BINARY_METRIC_NAMES if num_classes == 2 and not multilabel else ())
+
+
+def check_classification_inputs(
+    y_true: np.ndarray, y_score: np.ndarray, multilabel: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate metric inputs as :func:`classification_metrics` does.
+
+    Returns:
+        ``(y, s)``: int64 class ids ``(N,)`` (bool ``(N, K)`` for multi-label) and float64 scores ``(N, K)``.
+
+    Raises:
+        DataError: Malformed inputs (see :func:`classification_metrics_with_notes`).
+    """
+    return _validate(y_true, y_score, multilabel)
+
+
+def class_label(class_names: Sequence[str] | None, c: int) -> str:
+    """The name of class ``c`` used as a key of per-class results: its class name, else its index."""
+    return str(class_names[c]) if class_names is not None and c < len(class_names) else str(c)
+
+
+def per_class_metrics(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    multilabel: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """ROC AUC and AP of every class (one-vs-rest for multi-class, each label for multi-label).
+
+    Args:
+        y_true: ``(N,)`` class ids or ``(N, K)`` 0/1 labels.
+        y_score: ``(N, K)`` scores.
+        multilabel: Multi-label task.
+        class_names: Optional names used as keys (default: the class index as a string).
+
+    Returns:
+        ``{"auc": {class: value}, "ap": {class: value}}``; ``NaN`` where the class has no positive (AUC: or
+        no negative) in ``y_true`` (:func:`classification_metrics_with_notes` explains those).
+
+    Raises:
+        DataError: Malformed inputs.
+    """
+    y, s = _validate(y_true, y_score, multilabel)
+    k = s.shape[1]
+    onehot = y if multilabel else np.eye(k, dtype=bool)[y]
+    keys = [class_label(class_names, c) for c in range(k)]
+    return {
+        "auc": {keys[c]: roc_auc(onehot[:, c], s[:, c]) for c in range(k)},
+        "ap": {keys[c]: average_precision(onehot[:, c], s[:, c]) for c in range(k)},
+    }
+
+
+def dice_jaccard(pred: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and Jaccard of every image and class of integer label maps.
+
+    For image ``i`` and class ``c`` with predicted region ``P`` and true region ``T``:
+    ``Dice = 2|P ∩ T| / (|P| + |T|)`` and ``Jaccard = |P ∩ T| / |P ∪ T|``. When the class is absent from both
+    the prediction and the ground truth the value is ``NaN`` (nothing to segment, nothing predicted: neither
+    a success nor a failure); a class predicted where the ground truth has none scores 0.
+
+    Args:
+        pred: ``(N, *spatial)`` integer predicted labels in ``[0, num_classes)``.
+        target: ``(N, *spatial)`` integer true labels, same shape.
+        num_classes: ``K``, including the background class 0.
+
+    Returns:
+        ``(dice, jaccard)``, each ``(N, K)`` float64.
+
+    Raises:
+        DataError: Shapes differ, no images, or labels outside ``[0, num_classes)``.
+    """
+    p = np.asarray(pred)
+    t = np.asarray(target)
+    if p.shape != t.shape or p.ndim < 2:
+        raise DataError(f"pred and target must be (N, *spatial) label maps of one shape, got {p.shape} and {t.shape}")
+    if p.shape[0] == 0:
+        raise DataError("cannot compute Dice on an empty set of images (N = 0)")
+    if num_classes < 2:
+        raise DataError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
+    for name, a in (("pred", p), ("target", t)):
+        if not np.issubdtype(a.dtype, np.integer) and a.dtype != bool:
+            raise DataError(f"{name} must hold integer class labels, got dtype {a.dtype}")
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= num_classes):
+            raise DataError(f"{name} has labels in [{int(a.min())}, {int(a.max())}], outside [0, {num_classes})")
+    n, k = p.shape[0], int(num_classes)
+    p = p.reshape(n, -1).astype(np.int64)
+    t = t.reshape(n, -1).astype(np.int64)
+    offset = np.arange(n, dtype=np.int64)[:, None] * k
+    size_p = np.bincount((offset + p).ravel(), minlength=n * k).reshape(n, k).astype(np.float64)
+    size_t = np.bincount((offset + t).ravel(), minlength=n * k).reshape(n, k).astype(np.float64)
+    same = p == t
+    inter = np.bincount((offset + t)[same], minlength=n * k).reshape(n, k).astype(np.float64)
+    total = size_p + size_t
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(total > 0, 2.0 * inter / total, np.nan)
+        jaccard = np.where(total > 0, inter / (total - inter), np.nan)
+    return dice, jaccard
+
+
+def segmentation_metrics_with_notes(
+    dice: np.ndarray,
+    jaccard: np.ndarray,
+    class_names: Sequence[str] | None = None,
+    foreground: Sequence[int] | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]], list[str]]:
+    """Mean Dice / Jaccard over images per class, and over the foreground classes.
+
+    Args:
+        dice: ``(N, K)`` per-image Dice from :func:`dice_jaccard` (``NaN`` = class in neither map).
+        jaccard: ``(N, K)`` per-image Jaccard.
+        class_names: Optional class names (keys of the per-class results; default the index).
+        foreground: Classes averaged into ``dice`` / ``jaccard`` (default every class but 0, the background).
+
+    Returns:
+        ``(metrics, per_class, notes)``: ``metrics`` = ``{"dice", "jaccard"}``, the mean over foreground classes
+        of each class's mean over the images where it is defined; ``per_class`` = ``{"dice": {class: v},
+        "jaccard": {class: v}}`` for every class (background included); ``notes`` explain NaN values and
+        images left out.
+    """
+    d = np.asarray(dice, dtype=np.float64)
+    j = np.asarray(jaccard, dtype=np.float64)
+    if d.ndim != 2 or d.shape != j.shape:
+        raise DataError(f"dice and jaccard must be (N, K) arrays of one shape, got {d.shape} and {j.shape}")
+    n, k = d.shape
+    fg = list(range(1, k)) if foreground is None else [int(c) for c in foreground]
+    defined = ~np.isnan(d)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        class_dice = np.nanmean(d, axis=0) if n else np.full(k, np.nan)
+        class_jac = np.nanmean(j, axis=0) if n else np.full(k, np.nan)
+    notes: list[str] = []
+    for c in fg:
+        name = _name(class_names, c, "class")
+        n_def = int(defined[:, c].sum())
+        if n_def == 0:
+            notes.append(f"dice/jaccard of {name} are NaN: it is in neither the ground truth nor the prediction "
+                         "of any image")
+        elif n_def < n:
+            notes.append(f"dice/jaccard of {name}: {n - n_def} of {n} images have it in neither the ground truth "
+                         f"nor the prediction; averaged over the other {n_def}")
+    fg_dice = [class_dice[c] for c in fg if not math.isnan(class_dice[c])]
+    fg_jac = [class_jac[c] for c in fg if not math.isnan(class_jac[c])]
+    metrics = {
+        "dice": float(np.mean(fg_dice)) if fg_dice else math.nan,
+        "jaccard": float(np.mean(fg_jac)) if fg_jac else math.nan,
+    }
+    keys = [class_label(class_names, c) for c in range(k)]
+    per_class = {
+        "dice": {keys[c]: float(class_dice[c]) for c in range(k)},
+        "jaccard": {keys[c]: float(class_jac[c]) for c in range(k)},
+    }
+    return metrics, per_class, notes
 
 
 def classification_metrics(

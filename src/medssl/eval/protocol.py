@@ -28,10 +28,11 @@ from torch.utils.data import Dataset
 
 from medssl.data.splits import stratified_fraction
 from medssl.errors import ConfigError, DataError
+from medssl.eval.bootstrap import DEFAULT_N_BOOT, classification_ci
 from medssl.eval.features import extract_features
 from medssl.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_predict
 from medssl.eval.linear import check_features, check_labels, fit_linear_probe
-from medssl.eval.metrics import classification_metrics_with_notes
+from medssl.eval.metrics import classification_metrics_with_notes, per_class_metrics
 
 
 @dataclass
@@ -48,6 +49,7 @@ class FeatureSet:
         multilabel: Multi-label task.
         num_classes: Number of classes (multi-class / binary: 2) or labels.
         class_names: Optional class names used in notes.
+        test_groups: Optional ``(n_test,)`` patient ids of the test items: bootstrap CIs resample patients.
 
     Raises:
         DataError: Inconsistent shapes or labels (checked on construction).
@@ -63,8 +65,13 @@ class FeatureSet:
     multilabel: bool = False
     num_classes: int = 2
     class_names: Sequence[str] | None = None
+    test_groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.test_groups is not None and len(self.test_groups) != len(self.test_x):
+            raise DataError(
+                f"FeatureSet: test_groups has {len(self.test_groups)} ids for {len(self.test_x)} test items"
+            )
         if (self.val_x is None) != (self.val_y is None):
             raise ConfigError("FeatureSet: pass both val_x and val_y, or neither")
         if self.num_classes < (1 if self.multilabel else 2):
@@ -88,11 +95,17 @@ class ProtocolOutput:
         metrics: Metric name -> value (``NaN`` allowed).
         notes: Human-readable caveats (missing classes, undefined metrics, ...).
         params: Hyper-parameters chosen or used (e.g. ``C`` of the linear probe, ``k`` of kNN).
+        ci: Optional metric name -> ``[lo, hi]`` bootstrap 95 % interval on the test split
+            (:mod:`medssl.eval.bootstrap`).
+        per_class: Optional per-class values, ``{"auc": {class: v}, "ap": {...}}`` (classification) or
+            ``{"dice": {...}, "jaccard": {...}}`` (segmentation).
     """
 
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    ci: dict[str, list[float]] | None = None
+    per_class: dict[str, dict[str, float]] | None = None
 
 
 ProtocolFn = Callable[..., ProtocolOutput]
@@ -130,11 +143,36 @@ def _val(data: FeatureSet, val_subset: np.ndarray | None) -> tuple[np.ndarray | 
     return np.asarray(data.val_x)[val_subset], np.asarray(data.val_y)[val_subset]
 
 
-def _score(data: FeatureSet, probs: np.ndarray, notes: list[str], params: dict[str, Any]) -> ProtocolOutput:
-    metrics, metric_notes = classification_metrics_with_notes(
-        data.test_y, probs, data.multilabel, class_names=data.class_names
-    )
-    return ProtocolOutput(metrics, notes + metric_notes, params)
+def score_classification(
+    test_y: np.ndarray,
+    probs: np.ndarray,
+    multilabel: bool,
+    *,
+    class_names: Sequence[str] | None = None,
+    groups: np.ndarray | None = None,
+    seed: int = 0,
+    n_boot: int = DEFAULT_N_BOOT,
+    notes: Sequence[str] = (),
+    params: dict[str, Any] | None = None,
+) -> ProtocolOutput:
+    """Test metrics, per-class AUC / AP and bootstrap CIs (patients resampled when ``groups``) of predictions.
+
+    ``n_boot=0`` skips the intervals (``ci`` stays ``None``).
+    """
+    metrics, metric_notes = classification_metrics_with_notes(test_y, probs, multilabel, class_names=class_names)
+    ci = None
+    if n_boot:
+        ci = classification_ci(test_y, probs, multilabel, groups=groups, n_boot=n_boot, seed=seed)
+    per_class = per_class_metrics(test_y, probs, multilabel, class_names)
+    return ProtocolOutput(metrics, list(notes) + metric_notes, dict(params or {}), ci=ci, per_class=per_class)
+
+
+def _score(
+    data: FeatureSet, probs: np.ndarray, notes: list[str], params: dict[str, Any], seed: int = 0,
+    n_boot: int = DEFAULT_N_BOOT,
+) -> ProtocolOutput:
+    return score_classification(data.test_y, probs, data.multilabel, class_names=data.class_names,
+                                groups=data.test_groups, seed=seed, n_boot=n_boot, notes=notes, params=params)
 
 
 @register_protocol("linear")
@@ -144,6 +182,7 @@ def linear_protocol(
     seed: int,
     *,
     val_subset: np.ndarray | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
     **options: Any,
 ) -> ProtocolOutput:
     """Linear probe (:func:`medssl.eval.linear.fit_linear_probe`) on a training subset.
@@ -153,6 +192,7 @@ def linear_protocol(
         train_subset: Indices into the training split.
         seed: Solver seed.
         val_subset: Indices into the validation split used to choose ``C`` (``None``: default ``C``).
+        n_boot: Bootstrap replicates of the test CIs (0: none).
         **options: ``c_grid``, ``default_c``, ``max_iter``.
 
     Returns:
@@ -172,7 +212,7 @@ def linear_protocol(
         **options,
     )
     params = {**result.params, "n_val": 0 if val_x is None else len(val_x)}
-    return _score(data, result.probs, result.notes, params)
+    return _score(data, result.probs, result.notes, params, seed, n_boot)
 
 
 @register_protocol("knn")
@@ -182,6 +222,7 @@ def knn_protocol(
     seed: int,
     *,
     val_subset: np.ndarray | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
     **options: Any,
 ) -> ProtocolOutput:
     """Weighted kNN (:func:`medssl.eval.knn.knn_predict`) with the training subset as memory bank.
@@ -192,14 +233,15 @@ def knn_protocol(
     Args:
         data: Features and labels.
         train_subset: Indices into the training split.
-        seed: Unused.
+        seed: Seed of the bootstrap CIs only (kNN itself is deterministic).
         val_subset: Unused.
+        n_boot: Bootstrap replicates of the test CIs (0: none).
         **options: ``k``, ``temperature``, ``chunk_size``, ``device``.
 
     Returns:
         Test metrics, notes and the ``k`` / ``T`` used.
     """
-    del seed, val_subset
+    del val_subset
     train_y = np.asarray(data.train_y)[train_subset]
     probs = knn_predict(
         np.asarray(data.train_x)[train_subset],
@@ -219,7 +261,7 @@ def knn_protocol(
         "k": min(k, len(train_subset)),
         "temperature": float(options.get("temperature", DEFAULT_TEMPERATURE)),
     }
-    return _score(data, probs, notes, params)
+    return _score(data, probs, notes, params, seed, n_boot)
 
 
 @register_protocol("collapse")
@@ -265,7 +307,7 @@ def _check_options(name: str, fn: ProtocolFn, options: dict[str, Any]) -> None:
     }
     target = forwards.get(name)
     if target is not None:
-        accepted = set(inspect.signature(target).parameters) - fixed
+        accepted = (set(inspect.signature(target).parameters) - fixed) | {"n_boot"}
     else:
         params = inspect.signature(fn).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -312,7 +354,9 @@ def run_protocol(
         One row per (fraction, seed), in that order:
         ``{"encoder" (if given), "protocol", "label_fraction", "seed", "n_train", "metrics", "notes",
         "params"}``; ``params`` holds the protocol's hyper-parameters (linear: chosen ``C`` and ``n_val``,
-        the number of validation labels it was chosen on; kNN: ``k`` and ``temperature``).
+        the number of validation labels it was chosen on; kNN: ``k`` and ``temperature``). Rows also carry
+        ``"ci"`` (metric -> bootstrap 95 % ``[lo, hi]`` on the test split) and ``"per_class"`` where the
+        protocol reports them (linear, knn, finetune, segment).
 
     Raises:
         ConfigError: Unknown protocol or option, fractions outside ``(0, 1]``, no or duplicate seeds.
@@ -372,6 +416,10 @@ def run_protocol(
                 notes=list(out.notes) + extra_notes,
                 params=dict(out.params),
             )
+            if out.ci is not None:
+                row["ci"] = {k: [float(v) for v in lo_hi] for k, lo_hi in out.ci.items()}
+            if out.per_class is not None:
+                row["per_class"] = {k: {c: float(v) for c, v in d.items()} for k, d in out.per_class.items()}
             rows.append(row)
     return rows
 
@@ -428,4 +476,16 @@ def features_from_dataset(
         multilabel=bool(getattr(dataset, "multilabel", False)),
         num_classes=int(dataset.num_classes),  # type: ignore[attr-defined]
         class_names=list(class_names) if class_names is not None else None,
+        test_groups=_patient_ids(dataset, split_idx["test"]),
     )
+
+
+def _patient_ids(dataset: Any, idx: np.ndarray) -> np.ndarray | None:
+    """Patient ids of the items ``idx`` when the dataset has them (bootstrap clusters), else ``None``."""
+    ids = getattr(dataset, "patient_ids", None)
+    return None if ids is None else np.asarray(ids)[idx]
+
+
+# Image-level protocols register themselves in PROTOCOLS on import (they need the names defined above).
+from medssl.eval import finetune as _finetune  # noqa: E402, F401
+from medssl.eval import segment as _segment  # noqa: E402, F401

@@ -27,6 +27,12 @@ METRIC_LABELS: dict[str, str] = {
     "accuracy": "Acc.",
     "balanced_accuracy": "Bal. acc.",
     "f1_macro": "F1",
+    "auc_micro": "AUC µ",
+    "ap_micro": "AP µ",
+    "sensitivity": "Sens.",
+    "specificity": "Spec.",
+    "dice": "Dice",
+    "jaccard": "Jaccard",
 }
 """Column headers of the known metrics, in display order; other metrics follow under their own names."""
 
@@ -87,6 +93,11 @@ def summarize(rows: list[dict[str, Any]], group_key: str = "encoder") -> list[di
             n_train_max=max(n_train) if n_train else None,
             metrics={name: _mean_std([_as_float(r["metrics"].get(name)) for r in members]) for name in names},
         )
+        if len(members) == 1 and members[0].get("ci"):  # one seed: its bootstrap CI is the uncertainty to show
+            for name, stat in entry["metrics"].items():
+                lo_hi = members[0]["ci"].get(name)
+                if lo_hi is not None:
+                    stat["ci"] = [_as_float(v) for v in lo_hi]
         summary.append(entry)
     return summary
 
@@ -102,6 +113,9 @@ def _fmt_fraction(fraction: float) -> str:
 def _fmt_cell(stat: dict[str, Any] | None, n_seeds: int) -> str:
     if stat is None or stat["n"] == 0 or stat["mean"] is None or math.isnan(stat["mean"]):
         return "n/a"
+    ci = stat.get("ci")
+    if n_seeds == 1 and ci is not None and not any(math.isnan(v) for v in ci):
+        return f"{stat['mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
     if stat["n"] < n_seeds:
         text += f" ({stat['n']}/{n_seeds})"
@@ -224,11 +238,11 @@ def write_results(
     meta: dict[str, Any] | None = None,
     group_key: str = "encoder",
 ) -> None:
-    """Write ``results.json`` and ``results.md`` to ``out_dir`` (created if needed).
+    """Write ``results.json``, ``results.md`` and ``results.csv`` to ``out_dir`` (created if needed).
 
     ``results.json`` is ``{"meta": meta, "rows": rows, "summary": summarize(rows)}`` with ``NaN`` written as
     ``null``. ``results.md`` holds the :func:`format_table` of the summary, the scalar ``meta`` entries and
-    the distinct notes of the rows. Both files are written atomically.
+    the distinct notes of the rows; ``results.csv`` is :func:`results_csv`. All files are written atomically.
 
     Args:
         rows: Per-seed rows (see :func:`summarize`).
@@ -250,8 +264,45 @@ def write_results(
     if scalars:
         lines += [f"- **{k}**: {v}" for k, v in scalars.items()] + [""]
     lines += [format_table(summary, group_key=group_key).rstrip("\n"), ""]
-    lines.append("Metrics are mean ± std (ddof=1) over seeds; `(n/m)`: defined for n of m seeds.")
+    lines.append("Metrics are mean ± std (ddof=1) over seeds; `(n/m)`: defined for n of m seeds; with a single "
+                 "seed, `value [lo, hi]` is the bootstrap 95 % CI on the test split (per-seed CIs are in "
+                 "results.json / results.csv).")
     notes = _notes_section(rows, group_key)
     if notes:
         lines += ["", "## Notes", "", *notes]
     _write_atomic(out_dir / "results.md", "\n".join(lines) + "\n")
+    _write_atomic(out_dir / "results.csv", results_csv(rows, group_key=group_key))
+
+
+CSV_COLUMNS = ("protocol", "label_fraction", "seed", "n_train", "metric", "value", "ci_low", "ci_high")
+"""Columns of ``results.csv`` after the group column (``encoder``)."""
+
+
+def results_csv(rows: list[dict[str, Any]], group_key: str = "encoder") -> str:
+    """Rows in long form: one CSV line per (encoder, protocol, fraction, seed, metric).
+
+    Metrics are the row's ``metrics`` (with their bootstrap CI where the row has one) followed by its
+    per-class values, named ``<metric>[<class>]`` (e.g. ``auc[spiculated]``, ``dice[lesion]``). Undefined
+    values are empty cells.
+    """
+    import csv
+    import io
+
+    def cell(value: Any) -> str:
+        f = _as_float(value)
+        return "" if math.isnan(f) else repr(f)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([group_key, *CSV_COLUMNS])
+    for i, row in enumerate(rows):
+        _check_row(row, i)
+        head = [row.get(group_key, ""), row["protocol"], row["label_fraction"], row["seed"], row.get("n_train", "")]
+        ci = row.get("ci") or {}
+        for name, value in row["metrics"].items():
+            lo, hi = ci.get(name, (None, None))
+            writer.writerow([*head, name, cell(value), cell(lo), cell(hi)])
+        for kind, values in (row.get("per_class") or {}).items():
+            for cls, value in values.items():
+                writer.writerow([*head, f"{kind}[{cls}]", cell(value), "", ""])
+    return buf.getvalue()

@@ -50,6 +50,31 @@ def is_vit(name: str) -> bool:
     return any(t in name for t in ("vit", "deit", "eva", "beit", "swin", "cait", "xcit"))
 
 
+def timm_kwargs(
+    name: str, *, in_chans: int, image_size: int | None = None, patch_size: int | None = None,
+    global_pool: str | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``timm.create_model(name, **kwargs)`` that build medssl's 2D backbone (without
+    the CIFAR stem): ``num_classes=0``, ``in_chans`` and, for ViTs, ``img_size`` / ``patch_size`` /
+    ``global_pool`` (with ``fc_norm=False`` so ``norm`` stays on the tokens and the key layout is timm's default).
+
+    Raises:
+        ConfigError: a ``global_pool`` other than ``token`` / ``avg``.
+    """
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_chans}
+    if image_size is not None and is_vit(name):
+        kwargs["img_size"] = image_size
+    if patch_size is not None and is_vit(name):
+        kwargs["patch_size"] = patch_size
+    if global_pool is not None and is_vit(name):
+        if global_pool not in ("token", "avg"):
+            raise ConfigError(f"model.global_pool must be 'token' or 'avg', got '{global_pool}'")
+        kwargs["global_pool"] = global_pool
+        if name.startswith(("vit_", "deit")):  # timm VisionTransformer: keep `norm` on the tokens, no fc_norm
+            kwargs["fc_norm"] = False
+    return kwargs
+
+
 def build_backbone(
     name: str,
     *,
@@ -93,17 +118,8 @@ def build_backbone(
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown backbone '{name}': not a timm model name{hint}")
-    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_chans}
-    if image_size is not None and is_vit(name):
-        kwargs["img_size"] = image_size
-    if patch_size is not None and is_vit(name):
-        kwargs["patch_size"] = patch_size
-    if global_pool is not None and is_vit(name):
-        if global_pool not in ("token", "avg"):
-            raise ConfigError(f"model.global_pool must be 'token' or 'avg', got '{global_pool}'")
-        kwargs["global_pool"] = global_pool
-        if name.startswith(("vit_", "deit")):  # timm VisionTransformer: keep `norm` on the tokens, no fc_norm
-            kwargs["fc_norm"] = False
+    kwargs = timm_kwargs(name, in_chans=in_chans, image_size=image_size, patch_size=patch_size,
+                         global_pool=global_pool)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # network errors come in many types (OSError, HF hub errors, URLError)

@@ -1,0 +1,202 @@
+"""Export a trained encoder in another library's key layout (``medssl export --format timm|torchvision|monai``).
+
+Each format writes the backbone's weights as safetensors whose keys are exactly the ``state_dict`` of the
+target library's model, and returns the one line of Python that rebuilds that model and loads the file with
+``load_state_dict`` (strict). The rebuilt model takes *normalised* images, ``(x - 0.5) / 0.5`` of ``[0, 1]``
+inputs (what :class:`medssl.nn.backbones.Encoder` does before calling the backbone), and returns the same
+pooled features as medssl's encoder.
+
+Supported pairs:
+
+* ``timm`` -- every 2D timm backbone (``timm.create_model(name, num_classes=0, in_chans=C, ...)``); the
+  CIFAR stem is rebuilt in the snippet.
+* ``torchvision`` -- 2D ``resnet18/34/50/101/152`` (timm and torchvision name ResNet modules alike: ``conv1``,
+  ``bn1``, ``layer1.0.conv1`` ...; the classifier ``fc`` is replaced by ``Identity``); ``conv1`` is rebuilt for
+  1-channel inputs and for the CIFAR stem.
+* ``monai`` -- the 3D ResNets ``resnet10_3d/resnet18_3d/resnet34_3d`` onto ``monai.networks.nets.resnet10/18/34``
+  (``spatial_dims=3``, ``feed_forward=False``, ``bias_downsample=False``, stride-2 7³ stem or the CIFAR stem).
+  The 3D ViT has no faithful one-line MONAI counterpart (MONAI's ``ViT`` returns its classification head's
+  output rather than the class token, and its key set differs between MONAI versions), so it is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch as st
+import torch
+
+import medssl
+from medssl.errors import CheckpointError, ConfigError
+from medssl.export import read_metadata
+
+FORMATS = ("timm", "torchvision", "monai")
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+MONAI_RESNETS = {"resnet10_3d": "resnet10", "resnet18_3d": "resnet18", "resnet34_3d": "resnet34"}
+SUPPORTED = ("timm: any 2D timm backbone; torchvision: 2D " + "/".join(TORCHVISION_RESNETS)
+             + "; monai: 3D " + "/".join(MONAI_RESNETS))
+
+
+@dataclass
+class ExportedWeights:
+    """What :func:`export_weights` wrote: the file, its format, the load snippet and caveats."""
+
+    path: Path
+    format: str
+    snippet: str
+    notes: list[str] = field(default_factory=list)
+
+
+def run_encoder_file(run: str | Path, encoder: str | None = None) -> Path:
+    """The ``encoder*.safetensors`` of a run directory (``encoder`` picks one of a multi-encoder run).
+
+    Raises:
+        CheckpointError: no run directory or no encoder file.
+        ConfigError: several encoders and none chosen, or an unknown choice.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"run directory {run}: not found")
+    files = sorted(run.glob("encoder*.safetensors"))
+    if not files:
+        raise CheckpointError(f"run directory {run}: no encoder*.safetensors (did the run finish?)")
+    names = {f.stem.removeprefix("encoder").lstrip("_") or "backbone": f for f in files}
+    if encoder is None:
+        if len(files) > 1:
+            raise ConfigError(f"run {run} has several encoders ({', '.join(names)}); choose one with --encoder NAME")
+        return files[0]
+    if encoder not in names:
+        raise ConfigError(f"run {run} has no encoder '{encoder}' (has: {', '.join(names)})")
+    return names[encoder]
+
+
+def _meta_int(meta: dict[str, str], key: str) -> int | None:
+    v = meta.get(key)
+    return None if v in (None, "", "None") else int(v)
+
+
+def _timm_call(meta: dict[str, str]) -> str:
+    from medssl.nn.backbones import timm_kwargs
+
+    kwargs = timm_kwargs(meta["model_name"], in_chans=int(meta["in_chans"]), image_size=_meta_int(meta, "image_size"),
+                         patch_size=_meta_int(meta, "patch_size"),
+                         global_pool=meta.get("global_pool") if meta.get("global_pool") not in (None, "None") else None)
+    args = ", ".join([repr(meta["model_name"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    return f"timm.create_model({args})"
+
+
+def _load_tail(path: Path) -> str:
+    return f"model.load_state_dict(st.load_file({str(path)!r})); model.eval()"
+
+
+def _to_timm(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if int(meta.get("spatial_dims", 2)) != 2:
+        raise ConfigError(f"--format timm: {meta['model_name']} is a 3D backbone and timm has no 3D models; "
+                          f"supported pairs: {SUPPORTED}")
+    parts = ["import timm, torch, safetensors.torch as st", f"model = {_timm_call(meta)}"]
+    if meta.get("stem") == "cifar":
+        out_ch = state["conv1.weight"].shape[0]
+        parts += [f"model.conv1 = torch.nn.Conv2d({int(meta['in_chans'])}, {out_ch}, 3, 1, 1, bias=False)",
+                  "model.maxpool = torch.nn.Identity()"]
+    return state, "; ".join(parts + [_load_tail(path)])
+
+
+def _to_torchvision(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    name = meta["model_name"]
+    if int(meta.get("spatial_dims", 2)) != 2 or name not in TORCHVISION_RESNETS:
+        raise ConfigError(f"--format torchvision: no torchvision counterpart for {name} "
+                          f"({meta.get('spatial_dims', 2)}D); supported pairs: {SUPPORTED}")
+    import torchvision
+
+    # timm's ResNet uses torchvision's module names, so the mapping is the identity on the keys; check it.
+    reference = set(getattr(torchvision.models, name)(weights=None).state_dict()) - {"fc.weight", "fc.bias"}
+    if set(state) != reference:
+        diff = sorted(set(state) ^ reference)[:6]
+        raise CheckpointError(f"--format torchvision: the weights of {name} do not match torchvision's keys ({diff})")
+    conv = state["conv1.weight"]
+    in_ch, out_ch, k = conv.shape[1], conv.shape[0], conv.shape[-1]
+    parts = ["import torch, torchvision, safetensors.torch as st", f"model = torchvision.models.{name}()",
+             "model.fc = torch.nn.Identity()"]
+    if meta.get("stem") == "cifar":
+        parts += [f"model.conv1 = torch.nn.Conv2d({in_ch}, {out_ch}, 3, 1, 1, bias=False)",
+                  "model.maxpool = torch.nn.Identity()"]
+    elif in_ch != 3 or k != 7:
+        parts.append(f"model.conv1 = torch.nn.Conv2d({in_ch}, {out_ch}, 7, 2, 3, bias=False)")
+    return state, "; ".join(parts + [_load_tail(path)])
+
+
+def _to_monai(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    name = meta["model_name"]
+    if int(meta.get("spatial_dims", 2)) == 3 and name not in MONAI_RESNETS and f"{name}_3d" in MONAI_RESNETS:
+        name = f"{name}_3d"
+    if int(meta.get("spatial_dims", 2)) != 3 or name not in MONAI_RESNETS:
+        raise ConfigError(f"--format monai: no faithful MONAI counterpart for {meta['model_name']} "
+                          f"({meta.get('spatial_dims', 2)}D); supported pairs: {SUPPORTED}")
+    # medssl's ResNet3d uses the module names of MONAI's ResNet (conv1, bn1, layerN.i.conv1/bn1/conv2/bn2,
+    # downsample.0/1); MONAI's downsample conv has a bias unless bias_downsample=False.
+    stem = ("conv1_t_size=3, conv1_t_stride=1, no_max_pool=True" if meta.get("stem") == "cifar"
+            else "conv1_t_size=7, conv1_t_stride=2")
+    call = (f"monai.networks.nets.{MONAI_RESNETS[name]}(spatial_dims=3, n_input_channels={int(meta['in_chans'])}, "
+            f"feed_forward=False, bias_downsample=False, {stem})")
+    return state, "; ".join(["import monai, safetensors.torch as st", f"model = {call}", _load_tail(path)])
+
+
+_CONVERTERS = {"timm": _to_timm, "torchvision": _to_torchvision, "monai": _to_monai}
+
+
+def export_weights(
+    out: str | Path, fmt: str, *, run: str | Path | None = None, encoder_file: str | Path | None = None,
+    encoder: str | None = None,
+) -> ExportedWeights:
+    """Write a run's (or an ``encoder.safetensors``'s) backbone in ``fmt``'s key layout to ``out``.
+
+    Args:
+        out: output ``.safetensors`` file.
+        fmt: ``timm``, ``torchvision`` or ``monai``.
+        run: run directory (its ``encoder*.safetensors``).
+        encoder_file: an exported medssl encoder file instead of a run.
+        encoder: which encoder of a multi-encoder run (``cnn``, ``vit`` ...).
+
+    Returns:
+        The file written and the one-line snippet that loads it (strict) into the target library's model.
+
+    Raises:
+        ConfigError: unknown format or an unsupported (backbone, format) pair, naming the supported ones.
+        CheckpointError: missing run / encoder file.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if (run is None) == (encoder_file is None):
+        raise ConfigError("export needs exactly one of --run DIR or --checkpoint encoder.safetensors")
+    src = run_encoder_file(run, encoder) if run is not None else Path(encoder_file)  # type: ignore[arg-type]
+    meta = read_metadata(src)
+    for key in ("model_name", "in_chans"):
+        if key not in meta:
+            raise CheckpointError(f"encoder file {src}: metadata lacks '{key}' (not exported by medssl?)")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: expected a .safetensors file name")
+    state = st.load_file(str(src))
+    state, snippet = _CONVERTERS[fmt](meta, state, out)
+    notes = []
+    if meta.get("whitening"):
+        notes.append(f"the encoder ends with a whitening layer ({meta['whitening']} next to {src.name}); it is not part "
+                     "of the exported backbone: apply it as torch.nn.Linear(d, d) loaded from that file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": fmt, "source": str(src), "medssl_version": medssl.__version__,
+                "model_name": meta["model_name"], "in_chans": meta["in_chans"],
+                "input": "normalised images: (x - 0.5) / 0.5 of [0, 1] inputs", "load": snippet}
+    tmp = out.with_name(f".{out.name}.tmp")
+    st.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return ExportedWeights(out, fmt, snippet, notes)
+
+
+def describe(result: ExportedWeights) -> str:
+    """What ``medssl export`` prints: the file, the load snippet and the input convention."""
+    lines = [f"wrote {result.format} weights to {result.path}", "load with:", f"  {result.snippet}",
+             "input: images in [0, 1] normalised as (x - 0.5) / 0.5; output: pooled features (B, D)"]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)

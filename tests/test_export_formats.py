@@ -1,0 +1,131 @@
+"""``medssl export --format``: the printed snippet loads the file strictly and gives medssl's features."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from medssl.cli import main
+from medssl.errors import ConfigError
+from medssl.export import random_encoder, save_encoder
+from medssl.export_formats import export_weights
+from medssl.transforms.intensity import normalize
+
+
+def _perturbed(enc: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Non-trivial batch-norm statistics, so a mis-mapped buffer changes the features."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in enc.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith("running_mean"):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    return enc
+
+
+def _saved(tmp_path, name, *, in_chans=1, image_size=32, stem="default", spatial_dims=2, patch_size=None,
+           global_pool=None):
+    enc = _perturbed(random_encoder(name, in_chans=in_chans, image_size=image_size, stem=stem,
+                                    spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool))
+    meta = {"model_name": name, "in_chans": in_chans, "image_size": image_size, "stem": stem,
+            "spatial_dims": spatial_dims, "patch_size": patch_size, "global_pool": global_pool}
+    path = save_encoder(enc.backbone, tmp_path / "encoder.safetensors", meta)
+    return enc, path
+
+
+def _check_same_features(enc, result, shape):
+    ns: dict = {}
+    exec(result.snippet, ns)  # exactly the printed line
+    model = ns["model"]
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = enc(x)
+        theirs = model(normalize(x))
+    if isinstance(theirs, tuple):
+        theirs = theirs[0]
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,stem,kw", [
+    ("resnet18", "default", {}),
+    ("resnet18", "cifar", {}),
+    ("vit_tiny_patch16_224", "default", {"patch_size": 8, "global_pool": "avg"}),
+])
+def test_timm_export_loads_with_snippet(tmp_path, name, stem, kw):
+    enc, path = _saved(tmp_path, name, stem=stem, **kw)
+    res = export_weights(tmp_path / "out.safetensors", "timm", encoder_file=path)
+    assert res.snippet.startswith("import timm") and "load_state_dict" in res.snippet
+    assert "strict=False" not in res.snippet
+    _check_same_features(enc, res, (2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("name,stem,in_chans", [("resnet18", "default", 1), ("resnet18", "cifar", 1),
+                                                 ("resnet50", "default", 3)])
+def test_torchvision_export_loads_with_snippet(tmp_path, name, stem, in_chans):
+    pytest.importorskip("torchvision")
+    enc, path = _saved(tmp_path, name, stem=stem, in_chans=in_chans)
+    res = export_weights(tmp_path / "tv.safetensors", "torchvision", encoder_file=path)
+    assert f"torchvision.models.{name}()" in res.snippet
+    _check_same_features(enc, res, (2, in_chans, 32, 32))
+
+
+def _monai_resnet_keys(layers: tuple[int, ...]) -> set[str]:
+    """The state-dict keys of monai.networks.nets.ResNet (basic blocks, feed_forward=False,
+    bias_downsample=False), written out from MONAI's module structure."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = {"conv1.weight", *(f"bn1.{b}" for b in bn)}
+    for s, n in enumerate(layers, start=1):
+        for i in range(n):
+            p = f"layer{s}.{i}"
+            keys |= {f"{p}.conv1.weight", f"{p}.conv2.weight", *(f"{p}.bn1.{b}" for b in bn),
+                     *(f"{p}.bn2.{b}" for b in bn)}
+            if i == 0 and s > 1:
+                keys |= {f"{p}.downsample.0.weight", *(f"{p}.downsample.1.{b}" for b in bn)}
+    return keys
+
+
+@pytest.mark.parametrize("stem", ["default", "cifar"])
+def test_monai_export_keys_and_features(tmp_path, stem):
+    enc, path = _saved(tmp_path, "resnet10_3d", stem=stem, spatial_dims=3, image_size=16)
+    res = export_weights(tmp_path / "m.safetensors", "monai", encoder_file=path)
+    assert set(st.load_file(str(res.path))) == _monai_resnet_keys((1, 1, 1, 1))
+    assert "monai.networks.nets.resnet10(spatial_dims=3, n_input_channels=1" in res.snippet
+    pytest.importorskip("monai")
+    _check_same_features(enc, res, (2, 1, 16, 16, 16))
+
+
+def test_unsupported_pairs_name_the_supported_ones(tmp_path):
+    _, path = _saved(tmp_path, "resnet18_3d", spatial_dims=3, image_size=16)
+    with pytest.raises(ConfigError, match="supported pairs.*torchvision: 2D resnet18"):
+        export_weights(tmp_path / "a.safetensors", "timm", encoder_file=path)
+    with pytest.raises(ConfigError, match="supported pairs"):
+        export_weights(tmp_path / "b.safetensors", "torchvision", encoder_file=path)
+    (tmp_path / "v").mkdir()
+    _, vit = _saved(tmp_path / "v", "vit_tiny_3d", spatial_dims=3, image_size=16, patch_size=8)
+    with pytest.raises(ConfigError, match="monai: no faithful MONAI counterpart for vit_tiny_3d"):
+        export_weights(tmp_path / "c.safetensors", "monai", encoder_file=vit)
+    (tmp_path / "c").mkdir()
+    _, p2 = _saved(tmp_path / "c", "convnext_atto", image_size=32)
+    with pytest.raises(ConfigError, match="torchvision: no torchvision counterpart for convnext_atto"):
+        export_weights(tmp_path / "d.safetensors", "torchvision", encoder_file=p2)
+
+
+def test_cli_export_prints_snippet(tmp_path, capsys):
+    enc, path = _saved(tmp_path, "resnet18")
+    run = tmp_path / "run"
+    run.mkdir()
+    path.rename(run / "encoder.safetensors")
+    out = tmp_path / "exp" / "enc.safetensors"
+    assert main(["export", "--run", str(run), "--format", "timm", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(ln.strip() for ln in printed.splitlines() if ln.strip().startswith("import timm"))
+    ns: dict = {}
+    exec(line, ns)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ns["model"](normalize(x)), enc(x), rtol=1e-5, atol=1e-5)
+    assert main(["export", "--run", str(run), "--format", "monai", "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "supported pairs" in capsys.readouterr().err
