@@ -62,4 +62,10 @@ def test_cli_compare_prints_the_table(tmp_path, capsys):
                  str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert "| moco | knn | 100 % |" in out and "| random-init | knn | 100 % |" in out
+    # --epochs goes to the protocols that train, not to the feature probes beside them
+    assert main(["compare", str(a), "--data", "phantom2d:60", "--protocol", "knn", "finetune", "--epochs", "1",
+                 "--label-fractions", "1", "--seeds", "0", "--device", "cpu", "--quiet", "--out",
+                 str(tmp_path / "cmp2")]) == 0
+    out = capsys.readouterr().out
+    assert "| moco | knn | 100 % |" in out and "| moco | finetune | 100 % |" in out
     assert main(["compare", "--data", "phantom2d:60", "--out", str(tmp_path / "none")]) == 2

@@ -217,6 +217,10 @@ def _init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
     return out, skipped
 
 
+TRAINING_PROTOCOLS = ("finetune", "segment")
+"""Protocols that train on images (``--epochs`` sets their length); the others work on frozen features."""
+
+
 def evaluate(
     data: str,
     out: str | Path,
@@ -288,7 +292,7 @@ def evaluate(
     ds = open_from_config(dcfg)
     if ds.labels is None and protocol not in ("collapse", "segment"):
         raise ConfigError(f"data {data}: has no labels; evaluation needs a labelled dataset")
-    image_protocol = protocol in ("finetune", "segment")
+    image_protocol = protocol in TRAINING_PROTOCOLS
     if epochs is not None and not image_protocol:
         raise ConfigError(f"--epochs applies to --protocol finetune / segment, not {protocol}")
     options = {**(protocol_options or {}), **({"epochs": int(epochs)} if epochs is not None else {})}

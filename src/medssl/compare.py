@@ -100,7 +100,7 @@ def compare(
     Raises:
         ConfigError: nothing to compare, no protocol, or an option evaluate does not take.
     """
-    from medssl.api import evaluate
+    from medssl.api import TRAINING_PROTOCOLS, evaluate
     from medssl.eval.results import format_table, summarize, write_results
 
     if not runs and not inits:
@@ -123,8 +123,10 @@ def compare(
     for protocol in dict.fromkeys(protocols):
         for lab, run, its in sources:
             sub = out / "per_source" / protocol / lab.replace("/", "__").replace(":", "_")
+            # --epochs is the length of the protocols that train; the feature probes have none
+            opts = options if protocol in TRAINING_PROTOCOLS else {k: v for k, v in options.items() if k != "epochs"}
             res = evaluate(data, sub, run=run, init=list(its) or None, protocol=protocol,
-                           label_fractions=label_fractions, seeds=seeds, progress=progress, **options)
+                           label_fractions=label_fractions, seeds=seeds, progress=progress, **opts)
             rows += [{**r, "encoder": _relabel(r["encoder"], lab) if run is not None else r["encoder"]}
                      for r in res["rows"]]
             meta_path = sub / "results.json"
