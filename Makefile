@@ -28,7 +28,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python benchmarks/throughput.py --method mocov2 --backbone resnet18 --image-size 64 --batch-size 64 --steps 20
+	$(BIN)/python benchmarks/throughput.py --method mocov2 --backbone resnet18 --image-size 64 --batch-size 64 --steps 8 --threads 1
+	$(BIN)/python benchmarks/throughput.py --method mae --backbone vit_small_patch16_224 --image-size 64 --batch-size 64 --steps 6 --threads 1 --mask0
+	$(BIN)/python benchmarks/dataloading.py --n 32 --size 512 --workers 0 2
+	$(BIN)/python benchmarks/quality.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info

@@ -266,3 +266,24 @@ def test_3d_local_loss_runs_and_reaches_the_feature_maps():
     out.loss.backward()
     assert out.num_valid == 2 and torch.isfinite(out.loss)
     assert f1.grad.abs().sum() > 0 and f2.grad.abs().sum() > 0
+
+
+def test_roi_pool_2d_equals_torchvision_roi_align_values_and_gradients():
+    from torchvision.ops import roi_align
+
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    lo = torch.rand(3, 5, 2, generator=g, dtype=torch.float64) * 0.6
+    boxes = torch.cat([lo, lo + 0.05 + torch.rand(3, 5, 2, generator=g, dtype=torch.float64) * 0.35], dim=-1)
+    ours = roi_pool(fmap, boxes, output_size=2, sampling_ratio=2)
+    h, w = fmap.shape[2:]
+    scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+    rois = torch.cat([torch.arange(3, dtype=torch.float64).repeat_interleave(5)[:, None],
+                      boxes[..., [1, 0, 3, 2]].reshape(-1, 4) * scale], dim=1)  # (idx, x0, y0, x1, y1) in cells
+    ref = roi_align(fmap, rois, output_size=2, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    ref = ref.mean(dim=(2, 3)).reshape(3, 5, 4)
+    torch.testing.assert_close(ours, ref)
+    weights = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), fmap)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), fmap)
+    torch.testing.assert_close(g_ours, g_ref)

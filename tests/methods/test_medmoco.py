@@ -69,7 +69,7 @@ def test_local_term_adds_its_weighted_loss_and_gradient_into_the_backbone():
     on = _build(MedMoCo, _cfg(local_weight=0.5, whitening="none", local_regions=4), _info())
     a, b = _step(off, images), _step(on, images)
     assert b.logs["loss_global"] == pytest.approx(float(a.loss.detach()), rel=1e-6)
-    assert float(b.loss.detach()) == pytest.approx(b.logs["loss_global"] + 0.5 * b.logs["loss_local"], rel=1e-6)
+    assert float(b.loss.detach()) == pytest.approx(float(b.logs["loss_global"] + 0.5 * b.logs["loss_local"]), rel=1e-6)
     assert b.logs["loss_local"] > 0 and 0 < b.logs["local_valid_fraction"] <= 1
     diff = (on.backbone.conv1.weight.grad - off.backbone.conv1.weight.grad).abs().sum()
     assert diff > 1e-6 * off.backbone.conv1.weight.grad.abs().sum()  # the local term reaches the first layer

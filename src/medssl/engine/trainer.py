@@ -301,6 +301,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     image_size=int(cfg.data.image_size), num_samples=len(indices))
     with fabric.init_module():
         method = method_cls(cfg, info)
+    if t.channels_last:  # NHWC / NDHWC convolutions (the weights decide the format of every conv's output)
+        method = method.to(memory_format=torch.channels_last if info.spatial_dims == 2 else torch.channels_last_3d)
     lr = _lr_for(cfg, method_cls)
     cfg.optim.lr = lr
     sets = method.parameter_sets()
@@ -367,7 +369,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     model.train()
     loss_sum = torch.zeros((), device=fabric.device)
     loss_count = 0
-    logs_acc: dict[str, float] = {}
+    logs_acc: dict[str, Any] = {}  # float or 0-dim tensor sums; tensors are read back only on log steps
     bad_steps = 0
     t_last = time.perf_counter()
     step_last = step
@@ -413,7 +415,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 loss_sum += loss.detach().float()
                 loss_count += 1
                 for k, v in out.logs.items():
-                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v)
+                    logs_acc[k] = logs_acc.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
                 collapse_row = _collapse_update(out.embeddings, step, total_steps, t.collapse_every_n_steps, collapse_row)
                 vis = t.visualize_every_n_steps
                 if fabric.is_global_zero and vis and (step % vis == 0 or step == total_steps):
@@ -428,7 +430,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                         row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_now, "images_per_s": ips}
                         if len(optimizers) > 1:
                             row.update({f"lr_{n}": o.param_groups[0]["lr"] for n, o in optimizers.items()})
-                        row.update({k: v / max(loss_count, 1) for k, v in logs_acc.items()})
+                        row.update({k: float(v) / max(loss_count, 1) for k, v in logs_acc.items()})
                         row.update(collapse_row)
                         metrics.log(row)
                     bar.update(step, epoch, mean_loss, lr_now, ips)

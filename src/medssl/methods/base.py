@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from medssl.nn.backbones import build_backbone
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -51,14 +53,15 @@ class StepOutput:
 
     Attributes:
         loss: the scalar to back-propagate.
-        logs: scalars averaged over the logging interval into ``metrics.csv``.
+        logs: scalars averaged over the logging interval into ``metrics.csv``: Python floats or detached 0-dim
+            tensors (the trainer reads tensors back to the host only on log steps, so a GPU step does not wait).
         embeddings: optional detached ``(N, D)`` embeddings of this step by name (e.g. ``{"backbone": h,
             "projector": z}``); the trainer computes collapse statistics from them every
             ``train.collapse_every_n_steps`` steps (:mod:`medssl.eval.collapse`).
     """
 
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -146,3 +149,38 @@ class Method(nn.Module):
         nothing; keep it to a few samples (the figure shows at most 8 rows).
         """
         return None
+
+
+class BackboneMethod(Method):
+    """A method that trains and exports one CNN backbone, ``self.backbone`` (MoCo v2, Med-MoCo, GraVIS, cnnmim).
+
+    :meth:`build_backbone` builds it from the ``model:`` section and records what rebuilding it needs;
+    :meth:`encoders` and :meth:`export_meta` then serve every such method.
+    """
+
+    def build_backbone(self, cfg: Any, data: DataInfo) -> nn.Module:
+        """Build ``self.backbone`` (timm 2D, medssl 3D) for ``data`` and remember its rebuild settings."""
+        self.backbone = build_backbone(cfg.model.backbone, in_chans=data.in_chans, image_size=data.image_size,
+                                       stem=cfg.model.stem, pretrained=cfg.model.pretrained,
+                                       spatial_dims=data.spatial_dims)
+        self.backbone_name = cfg.model.backbone
+        self.stem = cfg.model.stem
+        self.in_chans = data.in_chans
+        self.image_size = data.image_size
+        self.spatial_dims = data.spatial_dims
+        return self.backbone
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone}
+
+    def export_meta(self) -> dict[str, dict[str, str]]:
+        return {
+            "backbone": {
+                "format": "timm" if self.spatial_dims == 2 else "medssl-resnet3d (torchvision/MONAI ResNet key layout)",
+                "model_name": self.backbone_name,
+                "in_chans": str(self.in_chans),
+                "image_size": str(self.image_size),
+                "stem": self.stem,
+                "spatial_dims": str(self.spatial_dims),
+            }
+        }

@@ -174,10 +174,10 @@ class CASS(Method):
             b = F.normalize(z_vit.detach().float(), dim=1)
             scale = a.shape[1] ** 0.5
             logs = {
-                "cos": float((a * b).sum(1).mean()),
+                "cos": (a * b).sum(1).mean(),  # tensors: read back on log steps only
                 # std over the batch of normalised embeddings x sqrt(D): ~1 when spread out, -> 0 on collapse
-                "embedding_std_cnn": float(a.std(dim=0).mean() * scale) if a.shape[0] > 1 else float("nan"),
-                "embedding_std_vit": float(b.std(dim=0).mean() * scale) if b.shape[0] > 1 else float("nan"),
+                "embedding_std_cnn": a.std(dim=0).mean() * scale if a.shape[0] > 1 else float("nan"),
+                "embedding_std_vit": b.std(dim=0).mean() * scale if b.shape[0] > 1 else float("nan"),
             }
         embeddings = {"cnn_backbone": h_cnn.detach(), "cnn_head": z_cnn.detach(), "vit_backbone": h_vit.detach(),
                       "vit_head": z_vit.detach()}  # for the trainer's collapse diagnostics

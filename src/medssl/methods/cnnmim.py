@@ -36,8 +36,14 @@ from torch import nn
 
 from medssl.errors import ConfigError
 from medssl.methods import register
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec, VisualPanel
-from medssl.nn.backbones import build_backbone
+from medssl.methods.base import (
+    BackboneMethod,
+    DataInfo,
+    MethodConfig,
+    StepOutput,
+    ViewSpec,
+    VisualPanel,
+)
 from medssl.nn.decoders import UNetDecoder
 from medssl.transforms.intensity import MEAN, STD, normalize
 from medssl.transforms.masking import (
@@ -332,7 +338,7 @@ def _stage_channels(backbone: nn.Module) -> list[int]:
 
 
 @register
-class CNNMIM(Method):
+class CNNMIM(BackboneMethod):
     """Masked image modelling for CNNs (sparse ResNet encoder + U-Net decoder), 2D and 3D."""
 
     name = "cnnmim"
@@ -365,11 +371,7 @@ class CNNMIM(Method):
                 f"cnnmim: mask ratio {m.mask_ratio} masks no unit of the {self.grid} grid; raise method.mask_ratio "
                 "or lower method.mask_patch_size"
             )
-        self.backbone_name = cfg.model.backbone
-        self.stem = cfg.model.stem
-        self.backbone = build_backbone(cfg.model.backbone, in_chans=data.in_chans, image_size=data.image_size,
-                                       stem=cfg.model.stem, pretrained=cfg.model.pretrained,
-                                       spatial_dims=data.spatial_dims)
+        self.build_backbone(cfg, data)
         _check_resnet(self.backbone, cfg.model.backbone)
         self.mask_state = MaskState()
         self._hooks = sparsify(self.backbone, self.mask_state)
@@ -439,7 +441,7 @@ class CNNMIM(Method):
         mask = self.draw_mask(x.shape[0], x.device)
         pred, _ = self.reconstruct(x, mask)
         loss = masked_reconstruction_loss(pred, x, mask, self.patch, norm_pix=self.hparams.norm_pix_loss)
-        return StepOutput(loss=loss, logs={"mask_ratio": float(mask.float().mean())})
+        return StepOutput(loss=loss, logs={"mask_ratio": mask.float().mean()})  # a tensor: read back on log steps only
 
     def visualize(self, batch: dict[str, Any], step: int) -> list[VisualPanel] | None:
         """Masked input, mask, reconstruction (prediction in the masked units, input elsewhere), target."""
@@ -462,19 +464,4 @@ class CNNMIM(Method):
             "reconstruction": show(recon),
             "target": show(x),
         })]
-
-    def encoders(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone}
-
-    def export_meta(self) -> dict[str, dict[str, str]]:
-        return {
-            "backbone": {
-                "format": "timm" if self.spatial_dims == 2 else "medssl-resnet3d (torchvision/MONAI ResNet key layout)",
-                "model_name": self.backbone_name,
-                "in_chans": str(self.in_chans),
-                "image_size": str(self.image_size),
-                "stem": self.stem,
-                "spatial_dims": str(self.spatial_dims),
-            }
-        }
 

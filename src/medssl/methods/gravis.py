@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from medssl.errors import ConfigError
 from medssl.losses.grouping_ap import SIMILARITIES, grouping_ap_loss
 from medssl.methods import register
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec
-from medssl.nn.backbones import build_backbone, feature_dim
+from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput, ViewSpec
+from medssl.nn.backbones import feature_dim
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
 from medssl.transforms.views import ViewSampler
@@ -78,7 +77,7 @@ class GraVISConfig(MethodConfig):
 
 
 @register
-class GraVIS(Method):
+class GraVIS(BackboneMethod):
     """GraVIS (Zhou et al., IEEE TMI 2023): K views per image grouped by a smoothed-AP loss."""
 
     name = "gravis"
@@ -95,19 +94,7 @@ class GraVIS(Method):
         m = GraVISConfig(**cfg.method)
         self.hparams = m
         self.view_spec = ViewSpec(num_views=m.num_views)
-        self.backbone = build_backbone(
-            cfg.model.backbone,
-            in_chans=data.in_chans,
-            image_size=data.image_size,
-            stem=cfg.model.stem,
-            pretrained=cfg.model.pretrained,
-            spatial_dims=data.spatial_dims,
-        )
-        self.backbone_name = cfg.model.backbone
-        self.stem = cfg.model.stem
-        self.in_chans = data.in_chans
-        self.image_size = data.image_size
-        self.spatial_dims = data.spatial_dims
+        self.build_backbone(cfg, data)
         d = feature_dim(self.backbone)
         self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
         self.views = ViewSampler(cfg.views, data.image_size, data.spatial_dims)
@@ -148,24 +135,9 @@ class GraVIS(Method):
             eye = torch.eye(same.shape[0], dtype=torch.bool, device=same.device)
             pos, neg = same & ~eye, ~same
             logs = {  # mean cosine similarity within groups / across groups (0 where a batch has none)
-                "pos_sim": float((sim * pos).sum() / pos.sum().clamp(min=1)),
-                "neg_sim": float((sim * neg).sum() / neg.sum().clamp(min=1)),
-                "embedding_std": float(zn.std(dim=0).mean() * zn.shape[1] ** 0.5),
+                "pos_sim": (sim * pos).sum() / pos.sum().clamp(min=1),  # tensors: read on log steps
+                "neg_sim": (sim * neg).sum() / neg.sum().clamp(min=1),
+                "embedding_std": zn.std(dim=0).mean() * zn.shape[1] ** 0.5,
             }
         # detached embeddings for the collapse diagnostics (all K·B views)
         return StepOutput(loss=loss, logs=logs, embeddings={"backbone": feats.detach(), "projector": z.detach()})
-
-    def encoders(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone}
-
-    def export_meta(self) -> dict[str, dict[str, str]]:
-        return {
-            "backbone": {
-                "format": "timm" if self.spatial_dims == 2 else "medssl-resnet3d (torchvision/MONAI ResNet key layout)",
-                "model_name": self.backbone_name,
-                "in_chans": str(self.in_chans),
-                "image_size": str(self.image_size),
-                "stem": self.stem,
-                "spatial_dims": str(self.spatial_dims),
-            }
-        }

@@ -156,7 +156,7 @@ class MAE(Method):
         losses = {s: reconstruction_loss(preds[s], targets[s], masks[s], norm_pix=self.hparams.norm_pix_loss)
                   for s in preds}
         loss = torch.stack(list(losses.values())).sum()  # equal weights (one scale for MAE)
-        logs = {f"loss_{s}x": float(v.detach()) for s, v in losses.items()} if len(losses) > 1 else {}
+        logs = {f"loss_{s}x": v.detach() for s, v in losses.items()} if len(losses) > 1 else {}
         # the class token of the masked forward, for the trainer's collapse statistics
         return StepOutput(loss=loss, logs=logs, embeddings={"backbone": latent[:, 0].detach()})
 

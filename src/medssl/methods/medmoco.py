@@ -207,8 +207,8 @@ class MedMoCo(MoCoV2):
             self._warned_small_map = True
         local = self.local(f1, f2, w1.boxes, w2.boxes, w1.flips, w2.flips)
         weight = self.hparams.local_weight  # type: ignore[attr-defined]
-        out.logs["loss_global"] = float(out.loss.detach())
-        out.logs["loss_local"] = float(local.loss.detach())
+        out.logs["loss_global"] = out.loss.detach()  # tensors: read back on log steps only
+        out.logs["loss_local"] = local.loss.detach()
         out.logs["local_valid_fraction"] = local.num_valid / b
         out.loss = out.loss + weight * local.loss
         return out

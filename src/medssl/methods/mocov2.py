@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from medssl.engine import distributed as dist_utils
 from medssl.losses import info_nce
 from medssl.methods import register
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec
-from medssl.nn.backbones import build_backbone, feature_dim
+from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput, ViewSpec
+from medssl.nn.backbones import feature_dim
 from medssl.nn.ema import ema_update, make_ema_copy
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
@@ -55,7 +54,7 @@ class MoCoV2Config(MethodConfig):
 
 
 @register
-class MoCoV2(Method):
+class MoCoV2(BackboneMethod):
     """MoCo v2 (the baseline Med-MoCo builds on)."""
 
     name = "mocov2"
@@ -70,19 +69,7 @@ class MoCoV2(Method):
         super().__init__()
         m = self.config_cls(**cfg.method)
         self.hparams = m
-        self.backbone = build_backbone(
-            cfg.model.backbone,
-            in_chans=data.in_chans,
-            image_size=data.image_size,
-            stem=cfg.model.stem,
-            pretrained=cfg.model.pretrained,
-            spatial_dims=data.spatial_dims,
-        )
-        self.backbone_name = cfg.model.backbone
-        self.stem = cfg.model.stem
-        self.in_chans = data.in_chans
-        self.image_size = data.image_size
-        self.spatial_dims = data.spatial_dims
+        self.build_backbone(cfg, data)
         d = feature_dim(self.backbone)
         self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
         self.key_backbone = make_ema_copy(self.backbone)
@@ -153,9 +140,9 @@ class MoCoV2(Method):
         self._pending_keys = keys.detach()
         with torch.no_grad():
             qn = F.normalize(q.detach().float(), dim=1)
-            logs = {
-                "pos_sim": float((qn * k).sum(1).mean()),
-                "embedding_std": float(qn.std(dim=0).mean() * qn.shape[1] ** 0.5),
+            logs: dict[str, float | torch.Tensor] = {  # 0-dim tensors: no host-device sync in the step
+                "pos_sim": (qn * k).sum(1).mean(),
+                "embedding_std": qn.std(dim=0).mean() * qn.shape[1] ** 0.5,
             }
         embeddings = {n: t.detach() for n, t in qd.items() if n != "feature_map" and t.ndim == 2}
         return StepOutput(loss=loss, logs=logs, embeddings=embeddings), qd
@@ -181,18 +168,3 @@ class MoCoV2(Method):
         idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % self.queue_size
         self.queue[idx] = keys
         self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)
-
-    def encoders(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone}
-
-    def export_meta(self) -> dict[str, dict[str, str]]:
-        return {
-            "backbone": {
-                "format": "timm" if self.spatial_dims == 2 else "medssl-resnet3d (torchvision/MONAI ResNet key layout)",
-                "model_name": self.backbone_name,
-                "in_chans": str(self.in_chans),
-                "image_size": str(self.image_size),
-                "stem": self.stem,
-                "spatial_dims": str(self.spatial_dims),
-            }
-        }
