@@ -154,12 +154,13 @@ def _write_visuals(method: Method, batch: dict[str, torch.Tensor], step: int, ro
         method.train(was_training)
 
 
-def _finite_gradients(module: torch.nn.Module) -> bool:
-    """Are all gradients finite? One fused norm over every gradient: a NaN or Inf anywhere makes it non-finite."""
+def _finite_gradients(module: torch.nn.Module) -> torch.Tensor:
+    """A 0-dim bool tensor (no read-back): are all gradients finite? One fused norm over every gradient, so a NaN
+    or Inf anywhere makes it non-finite."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
 
 
 class TrainingInterrupted(MedsslError):
@@ -382,13 +383,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 batch = {k: v.to(fabric.device, non_blocking=True) for k, v in batch.items()}
                 out = model(batch)
                 loss = out.loss
-                finite = torch.isfinite(loss.detach()).float()
-                if fabric.world_size > 1:  # every rank must skip together, or DDP's gradient all-reduce hangs
+                # Backward always runs (every rank joins DDP's gradient all-reduce); the loss and the gradients
+                # are then checked together, with one read-back per step and one all-reduce under DDP, so that
+                # every rank skips the same steps.
+                fabric.backward(loss)
+                finite = (torch.isfinite(loss.detach()) & _finite_gradients(method)).float()
+                if fabric.world_size > 1:
                     finite = fabric.all_reduce(finite, reduce_op="min")
-                if bool(finite):
-                    fabric.backward(loss)
-                    # DDP has already averaged the gradients, so every rank sees the same verdict
-                    finite = _finite_gradients(method)
                 if not bool(finite):
                     bad_steps += 1
                     for opt in fab_opts.values():
