@@ -312,13 +312,16 @@ def evaluate(
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise ConfigError(f"data {data}: needs non-empty train and test splits")
     rows: list[dict[str, Any]] = []
+    # test labels and scores of every fraction x seed, for ROC / PR curves (medssl report) and the user's own analysis
+    predictions_dir = Path(out) / "predictions"
     for label, enc in encoders:
         enc = enc.to(dev)
         if image_protocol:  # trains on the images: no frozen features
             from medssl.eval.images import ImageTask
 
             image_task = ImageTask.from_dataset(ds, enc, device=dev, splits=splits)
-            for row in run_protocol(image_task, protocol, list(label_fractions), list(seeds), **options):
+            for row in run_protocol(image_task, protocol, list(label_fractions), list(seeds), encoder_name=label,
+                                    predictions_dir=predictions_dir, **options):
                 rows.append({"encoder": label, **row})
             if progress:
                 print(f"evaluated {label}: {protocol} on {len(splits['train'])} train / {len(splits['test'])} test "
@@ -333,7 +336,8 @@ def evaluate(
             multilabel=ds.multilabel, num_classes=ds.num_classes,
             test_groups=ds.patient_ids[splits["test"]],
         )
-        for row in run_protocol(fs, protocol, list(label_fractions), list(seeds), **options):
+        for row in run_protocol(fs, protocol, list(label_fractions), list(seeds), encoder_name=label,
+                                predictions_dir=predictions_dir, **options):
             rows.append({"encoder": label, **row})
         if progress:
             print(f"evaluated {label}: {protocol} probe on {len(splits['train'])} train / {len(splits['test'])} test images",

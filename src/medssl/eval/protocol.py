@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,6 +101,8 @@ class ProtocolOutput:
             (:mod:`medssl.eval.bootstrap`).
         per_class: Optional per-class values, ``{"auc": {class: v}, "ap": {...}}`` (classification) or
             ``{"dice": {...}, "jaccard": {...}}`` (segmentation).
+        predictions: Optional test labels and scores ``(y_true, scores)`` the metrics were computed from
+            (classification protocols), for ROC / PR curves and the user's own analysis.
     """
 
     metrics: dict[str, float]
@@ -106,6 +110,7 @@ class ProtocolOutput:
     params: dict[str, Any] = field(default_factory=dict)
     ci: dict[str, list[float]] | None = None
     per_class: dict[str, dict[str, float]] | None = None
+    predictions: tuple[np.ndarray, np.ndarray] | None = None
 
 
 ProtocolFn = Callable[..., ProtocolOutput]
@@ -164,7 +169,8 @@ def score_classification(
     if n_boot:
         ci = classification_ci(test_y, probs, multilabel, groups=groups, n_boot=n_boot, seed=seed)
     per_class = per_class_metrics(test_y, probs, multilabel, class_names)
-    return ProtocolOutput(metrics, list(notes) + metric_notes, dict(params or {}), ci=ci, per_class=per_class)
+    return ProtocolOutput(metrics, list(notes) + metric_notes, dict(params or {}), ci=ci, per_class=per_class,
+                          predictions=(np.asarray(test_y), np.asarray(probs)))
 
 
 def _score(
@@ -334,6 +340,7 @@ def run_protocol(
     encoder_name: str | None = None,
     min_per_class: int = 1,
     subsample_val: bool = True,
+    predictions_dir: str | Path | None = None,
     **protocol_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Run one protocol for every label fraction x seed.
@@ -347,6 +354,10 @@ def run_protocol(
         min_per_class: Minimum training samples per class in every subset.
         subsample_val: Draw the validation labels with the same fraction and seed (default); ``False``
             uses the whole validation split for hyper-parameter choice at every fraction.
+        predictions_dir: If given, the test labels and scores of every (fraction, seed) of a classification
+            protocol are written there as ``predictions_<encoder>_<fraction>_seed<seed>.npz`` (arrays
+            ``y_true``, ``scores``, ``encoder``, ``protocol``, ``label_fraction``, ``seed`` and ``class_names``
+            when known); ``medssl report`` draws ROC / PR curves from them.
         **protocol_kwargs: Options of the protocol, e.g. ``k=20, temperature=0.07`` for kNN or
             ``c_grid=(...)`` for the linear probe.
 
@@ -420,8 +431,33 @@ def run_protocol(
                 row["ci"] = {k: [float(v) for v in lo_hi] for k, lo_hi in out.ci.items()}
             if out.per_class is not None:
                 row["per_class"] = {k: {c: float(v) for c, v in d.items()} for k, d in out.per_class.items()}
+            if predictions_dir is not None and out.predictions is not None:
+                save_predictions(Path(predictions_dir), out.predictions, encoder=encoder_name or "encoder",
+                                 protocol=protocol, fraction=fraction, seed=seed,
+                                 class_names=getattr(features, "class_names", None))
             rows.append(row)
     return rows
+
+
+def predictions_path(directory: Path, encoder: str, fraction: float, seed: int) -> Path:
+    """``directory/predictions_<encoder>_<fraction>_seed<seed>.npz`` with a file-system-safe encoder name."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder).strip("_") or "encoder"
+    return directory / f"predictions_{safe}_{fraction:g}_seed{seed}.npz"
+
+
+def save_predictions(directory: Path, predictions: tuple[np.ndarray, np.ndarray], *, encoder: str, protocol: str,
+                     fraction: float, seed: int, class_names: Sequence[str] | None = None) -> Path:
+    """Write one (fraction, seed)'s test labels and scores (see :func:`run_protocol`'s ``predictions_dir``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    y_true, scores = predictions
+    arrays: dict[str, Any] = {"y_true": np.asarray(y_true), "scores": np.asarray(scores, dtype=np.float32),
+                              "encoder": np.asarray(encoder), "protocol": np.asarray(protocol),
+                              "label_fraction": np.asarray(float(fraction)), "seed": np.asarray(int(seed))}
+    if class_names is not None:
+        arrays["class_names"] = np.asarray([str(c) for c in class_names])
+    path = predictions_path(directory, encoder, fraction, seed)
+    np.savez_compressed(path, **arrays)
+    return path
 
 
 def features_from_dataset(

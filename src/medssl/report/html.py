@@ -22,6 +22,7 @@ import base64
 import datetime as _dt
 import html
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,12 +190,24 @@ def _predictions(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, list[str
         return [(", ".join(bits) or path.stem, np.asarray(z["y_true"]), np.asarray(z["scores"]), names)]
 
 
+def _first_seed_only(files: list[Path]) -> list[Path]:
+    """One curve per encoder and label fraction: of ``predictions_<encoder>_<fraction>_seed<N>.npz`` files, the one
+    with the smallest seed (the other seeds' files stay on disk for the user)."""
+    best: dict[tuple[Path, str], tuple[int, Path]] = {}
+    for f in files:
+        m = re.fullmatch(r"(.*)_seed(\d+)", f.stem)
+        key, seed = ((f.parent, m.group(1)), int(m.group(2))) if m else ((f.parent, f.stem), 0)
+        if key not in best or seed < best[key][0]:
+            best[key] = (seed, f)
+    return sorted(f for _, f in best.values())
+
+
 def _roc_section(eval_dirs: Sequence[Path]) -> str:
     from medssl.report.plots import roc_pr_plot
 
     parts = []
     for d in eval_dirs:
-        files = sorted(d.rglob("predictions*.npz"))
+        files = _first_seed_only(sorted(d.rglob("predictions*.npz")))
         if not files:
             parts.append(_note(f"{d.name}: no test predictions saved (predictions*.npz); ROC / PR curves are drawn "
                                "when an evaluation saves them"))
