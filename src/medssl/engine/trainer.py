@@ -172,8 +172,8 @@ class TrainingInterrupted(MedsslError):
 class _StopOnSignal:
     """Turns SIGTERM into a flag checked once per step, so the step finishes and a checkpoint is written.
 
-    Under DDP the flag is all-reduced (max) so every rank stops at the same step even when the signal reaches
-    the ranks at slightly different times. Signal handlers can only be installed from the main thread; elsewhere
+    Under DDP the trainer all-reduces the flag together with the step's non-finite check, so every rank stops at
+    the same step even when the signal reaches the ranks at slightly different times. Signal handlers can only be installed from the main thread; elsewhere
     (a training loop started from a worker thread) SIGTERM keeps its default action.
     """
 
@@ -187,12 +187,6 @@ class _StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.flag = True
         self.signal_name = signal.Signals(signum).name
-
-    def requested(self, fabric: Any) -> bool:
-        if fabric.world_size > 1:
-            flag = torch.tensor(float(self.flag), device=fabric.device)
-            return bool(fabric.all_reduce(flag, reduce_op="max") > 0)
-        return self.flag
 
     def restore(self) -> None:
         if self._previous is not None:
@@ -375,6 +369,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     t_last = time.perf_counter()
     step_last = step
     stop = _StopOnSignal(enabled=cfg.checkpoint.on_sigterm)
+
+    def interrupt() -> None:
+        save_checkpoint()
+        raise TrainingInterrupted(
+            f"stopped by {stop.signal_name} after step {step} of {total_steps}; checkpoint written to "
+            f"{paths.last}. Continue with the same command plus --resume."
+        )
     try:
         while step < total_steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
@@ -386,11 +387,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 # Backward always runs (every rank joins DDP's gradient all-reduce); the loss and the gradients
                 # are then checked together, with one read-back per step and one all-reduce under DDP, so that
                 # every rank skips the same steps.
+                # The SIGTERM flag travels in the same all-reduce, as "not stopped" (min: any rank was signalled).
                 fabric.backward(loss)
-                finite = (torch.isfinite(loss.detach()) & _finite_gradients(method)).float()
+                flags = torch.stack([(torch.isfinite(loss.detach()) & _finite_gradients(method)).float(),
+                                     torch.tensor(0.0 if stop.flag else 1.0, device=loss.device)])
                 if fabric.world_size > 1:
-                    finite = fabric.all_reduce(finite, reduce_op="min")
-                if not bool(finite):
+                    flags = fabric.all_reduce(flags, reduce_op="min")
+                finite_flag, running_flag = flags.tolist()  # the one read-back of the step
+                stop_requested = running_flag == 0.0
+                if finite_flag == 0.0:
                     bad_steps += 1
                     for opt in fab_opts.values():
                         opt.zero_grad(set_to_none=True)
@@ -402,6 +407,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             f"The last good checkpoint is {paths.last}. Lower the learning rate, set "
                             "optim.grad_clip, or check the data."
                         )
+                    if stop_requested:
+                        interrupt()
                     continue
                 bad_steps = 0
                 for name, opt in fab_opts.items():  # clips the norm of this optimiser's parameters
@@ -445,12 +452,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 every = cfg.checkpoint.every_n_steps
                 if (every and step % every == 0) or step % steps_per_epoch == 0:
                     save_checkpoint()
-                if stop.requested(fabric):
-                    save_checkpoint()
-                    raise TrainingInterrupted(
-                        f"stopped by {stop.signal_name} after step {step} of {total_steps}; checkpoint written to "
-                        f"{paths.last}. Continue with the same command plus --resume."
-                    )
+                if stop_requested:
+                    interrupt()
                 if step >= total_steps:
                     break
     finally:

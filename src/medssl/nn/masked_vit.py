@@ -27,6 +27,7 @@ from torch import nn
 from medssl.errors import ConfigError
 from medssl.nn.attention import transformer_block
 from medssl.nn.patches import as_patch_size, interpolate_tokens, sincos_pos_embed
+from medssl.nn.vit3d import init_transformer_weights
 
 #: tokens per side the default patch size aims at when the model's own patch would give too few tokens
 _FALLBACK_SIDE = {2: 8, 3: 4}
@@ -186,7 +187,7 @@ class TokenDecoder(nn.Module):
         self.blocks = nn.Sequential(*[transformer_block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_numel)
-        _init_decoder(self)
+        init_transformer_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_tokens(self, latent: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
@@ -249,7 +250,7 @@ class UpscaleDecoder(nn.Module):
         ])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_numel)
-        _init_decoder(self)
+        init_transformer_weights(self)
 
     def forward_tokens(self, coarse: torch.Tensor) -> torch.Tensor:
         """Decoded tokens of the finer grid ``(B, prod(grid), dim)`` from ``(B, prod(coarse_grid), dim)``."""
@@ -261,13 +262,3 @@ class UpscaleDecoder(nn.Module):
         return self.pred(self.norm(tokens))
 
 
-def _init_decoder(module: nn.Module) -> None:
-    """Xavier-uniform linear layers, zero biases, unit LayerNorms (MAE's initialisation)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

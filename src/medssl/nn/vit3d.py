@@ -89,7 +89,7 @@ class ViT3d(nn.Module):
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        init_transformer_weights(self)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
@@ -104,14 +104,16 @@ class ViT3d(nn.Module):
         return tokens[:, 1:].mean(dim=1) if self.global_pool == "avg" else tokens[:, 0]
 
 
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
+def init_transformer_weights(module: nn.Module) -> None:
+    """Xavier-uniform linear layers, zero biases, unit LayerNorms (MAE's initialisation), for every submodule."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def vit3d_name(name: str) -> tuple[str, int | None] | None:
