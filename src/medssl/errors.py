@@ -22,3 +22,11 @@ class DataError(MedsslError):
 
 class CheckpointError(MedsslError):
     """A run directory or checkpoint is missing, corrupt or incompatible."""
+
+
+class StorageError(MedsslError):
+    """The disk refused a write (full, read-only, no permission); the message names the file and the cause."""
+
+
+class RunLockedError(MedsslError):
+    """Another live process is writing the same run directory."""
