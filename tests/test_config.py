@@ -55,3 +55,32 @@ def test_epochs_clears_max_steps():
     assert cfg.train.max_steps == 5  # --set comes last and wins
     cfg = make_config(method="mocov2", epochs=3)
     assert cfg.train.max_steps is None and cfg.train.epochs == 3
+
+
+def test_field_checks_name_the_section_path():
+    """A __post_init__ range check reports section.field, the allowed range and the value."""
+    from dataclasses import dataclass
+
+    from medssl.checks import check_choice, check_range
+    from medssl.config import build_dataclass
+
+    @dataclass
+    class Section:
+        n: int = 1
+        p: float = 0.5
+        mode: str = "a"
+
+        def __post_init__(self) -> None:
+            check_range("n", self.n, ge=1)
+            check_range("p", self.p, ge=0, lt=1)
+            check_choice("mode", self.mode, ("a", "b"))
+
+    with pytest.raises(ConfigError, match=r"^train\.n must be >= 1, got -4$"):
+        build_dataclass(Section, {"n": -4}, where="train")
+    with pytest.raises(ConfigError, match=r"^train\.p must be in \[0, 1\), got 1\.0$"):
+        build_dataclass(Section, {"p": 1.0}, where="train")
+    with pytest.raises(ConfigError, match=r"train\.p must be a finite number .*nan"):
+        build_dataclass(Section, {"p": float("nan")}, where="train")
+    with pytest.raises(ConfigError, match=r"^train\.mode must be one of a, b, got 'c'$"):
+        build_dataclass(Section, {"mode": "c"}, where="train")
+    assert build_dataclass(Section, {"n": 3}, where="train").n == 3

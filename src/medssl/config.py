@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from medssl.checks import FieldError
 from medssl.data.readers import IntensityConfig
 from medssl.errors import ConfigError
 from medssl.transforms.views import ViewConfig
@@ -339,7 +340,10 @@ def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), fields)}")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:  # a __post_init__ check names the field; add the section path
+        raise e.at(where) from None
 
 
 def parse_set(items: typing.Iterable[str]) -> dict[str, Any]:
