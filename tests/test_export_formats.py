@@ -7,8 +7,9 @@ import safetensors.torch as st
 import torch
 
 from medssl.cli import main
+from medssl.encoders import random_encoder
 from medssl.errors import ConfigError
-from medssl.export import random_encoder, save_encoder
+from medssl.export import save_encoder
 from medssl.export_formats import export_weights
 from medssl.transforms.intensity import normalize
 

@@ -89,6 +89,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def ensure_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create the output directory ``path`` (and its parents) before any work is done, or say why it cannot be.
+
+    Raises:
+        StorageError: ``path`` is an existing file, a parent of it is a file, or the disk refused (read-only file
+            system, no permission); the message names ``flag`` and the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{flag} {path}: is a file, not a directory")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise StorageError(f"{flag} {path}: {parent} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{flag} {path}: cannot create the directory: {describe_os_error(e)}") from None
+    return path
+
+
 def remove_stale_temps(directory: str | Path, name: str | None = None) -> list[Path]:
     """Delete temporary files :func:`atomic_write` left in ``directory`` when its process was killed.
 

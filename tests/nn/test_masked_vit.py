@@ -12,8 +12,9 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from medssl.api import make_config
+from medssl.encoders import load_encoder
 from medssl.errors import ConfigError
-from medssl.export import export_encoders, load_encoder
+from medssl.export import export_encoders
 from medssl.methods import DataInfo
 from medssl.methods.mae import MAE
 from medssl.nn.attention import NystromAttention, iterative_pinv, transformer_block
