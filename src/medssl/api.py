@@ -360,9 +360,9 @@ def _eval_splits(ds: Any, data: str) -> dict[str, Any]:
     return splits
 
 
-def _evaluate_encoder(entry: ProtocolEntry, label: str, enc: Any, ds: Any, splits: dict[str, Any], fractions: list[float],
-                      seeds: list[int], predictions_dir: Path, batch_size: int, dev: Any, progress: bool,
-                      options: dict[str, Any]) -> list[dict[str, Any]]:
+def _evaluate_encoder(entry: ProtocolEntry, label: str, enc: Any, ds: Any, splits: dict[str, Any],
+                      fractions: list[float], seeds: list[int], predictions_dir: Path, batch_size: int, dev: Any,
+                      progress: bool, options: dict[str, Any]) -> list[dict[str, Any]]:
     """One encoder's rows: the protocol over fractions x seeds on frozen features (``inputs="features"``: a
     :class:`~medssl.eval.protocol.FeatureSet` with class names and patient ids) or on the images
     (``inputs="images"``: an :class:`~medssl.eval.images.ImageTask`). Test labels and scores of every fraction x

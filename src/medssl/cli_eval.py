@@ -22,7 +22,8 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories to compare")
     cmp.add_argument("--init", action="append", default=[], choices=inits,
                      help="baseline initialisation with the first run's backbone (repeatable); imagenet needs the "
-                          "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note otherwise")
+                          "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note "
+                          "otherwise")
     cmp.add_argument("--data", required=True, help=data_help)
     cmp.add_argument("--task", help="label task where the dataset has several")
     cmp.add_argument("--protocol", nargs="+", default=["linear"], choices=protocol_names,

@@ -208,8 +208,8 @@ def export_weights(
     state, snippet = _CONVERTERS[fmt](meta, load_tensors(src), out)
     notes = []
     if meta.get("whitening"):
-        notes.append(f"the encoder ends with a whitening layer ({meta['whitening']} next to {src.name}); it is not part "
-                     "of the exported backbone: apply it as torch.nn.Linear(d, d) loaded from that file")
+        notes.append(f"the encoder ends with a whitening layer ({meta['whitening']} next to {src.name}); it is not "
+                     "part of the exported backbone: apply it as torch.nn.Linear(d, d) loaded from that file")
     metadata = {"format": fmt, "source": str(src), "medssl_version": medssl.__version__,
                 "model_name": meta["model_name"], "in_chans": meta["in_chans"],
                 "input": "normalised images: (x - 0.5) / 0.5 of [0, 1] inputs", "load": snippet}

@@ -52,8 +52,11 @@ SPEC_NOTES = ("Splits are patient-level 70/10/20 unless the source defines them 
               "synthetic test data, not a substitute for real images.")
 
 
+Opener = Callable[..., ImageDataset]
+
+
 def register_spec(name: str, *, help: str, syntax: str | None = None,
-                  takes_intensity: bool = False) -> Callable[[Callable[..., ImageDataset]], Callable[..., ImageDataset]]:
+                  takes_intensity: bool = False) -> Callable[[Opener], Opener]:
     """Decorator registering an opener for the data spec prefix ``name`` (see :class:`SpecEntry`).
 
     The ``--data`` help (:func:`spec_help`) and the list of valid specs in every error are generated from the
@@ -65,7 +68,7 @@ def register_spec(name: str, *, help: str, syntax: str | None = None,
     if name != name.lower() or ":" in name or not name:
         raise DataError(f"data spec prefix {name!r}: must be non-empty, lower case and without ':'")
 
-    def decorator(opener: Callable[..., ImageDataset]) -> Callable[..., ImageDataset]:
+    def decorator(opener: Opener) -> Opener:
         if name in SPECS:
             raise DataError(f"data spec {name!r} is already registered")
         SPECS[name] = SpecEntry(name, opener, syntax or f"{name}:PATH", help, takes_intensity)
@@ -113,8 +116,8 @@ def _open_phantom(kind: str) -> Callable[[str, str | None, int | None, str | Non
 
 
 register_spec("phantom2d", syntax="phantom2d[:N]", help=(
-    "built-in synthetic mammography-like 64x64 patches, default N="
-    f"{PHANTOM2D_DEFAULT_N}; tasks margin (4 classes, default) and pathology; lesion masks"))(_open_phantom("phantom2d"))
+    f"built-in synthetic mammography-like 64x64 patches, default N={PHANTOM2D_DEFAULT_N}; tasks margin "
+    "(4 classes, default) and pathology; lesion masks"))(_open_phantom("phantom2d"))
 register_spec("phantom3d", syntax="phantom3d[:N]", help=(
     f"built-in synthetic 32^3 gland volumes, default N={PHANTOM3D_DEFAULT_N}; task lesion; lesion masks"))(
     _open_phantom("phantom3d"))

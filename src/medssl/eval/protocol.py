@@ -260,14 +260,16 @@ def knn_protocol(
 
 
 def _collapse_whole_dataset(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``evaluate --protocol collapse``: every image of the dataset once (:func:`~medssl.eval.collapse.evaluate_collapse`)."""
+    """``evaluate --protocol collapse``: every image of the dataset once
+    (:func:`~medssl.eval.collapse.evaluate_collapse`)."""
     from medssl.eval.collapse import evaluate_collapse
 
     return evaluate_collapse(*args, **kwargs)
 
 
 @register_protocol("collapse", inputs="features", needs_labels=False, deterministic=True,
-                   help="spectrum, effective rank and std of the features of every image, and a plot (no labels needed)",
+                   help="spectrum, effective rank and std of the features of every image, and a plot "
+                   "(no labels needed)",
                    whole_dataset=_collapse_whole_dataset)
 def collapse_protocol(
     data: FeatureSet,
@@ -499,7 +501,8 @@ def features_from_dataset(
         splits: ``{"train", "val", "test"}`` -> dataset indices; default ``dataset.indices(split)``.
 
     Returns:
-        Features, labels, class names and the test items' patient ids; ``val_x`` / ``val_y`` are ``None`` when the validation split is empty.
+        Features, labels, class names and the test items' patient ids; ``val_x`` / ``val_y`` are ``None`` when
+        the validation split is empty.
 
     Raises:
         DataError: The dataset has no labels or an empty train or test split.

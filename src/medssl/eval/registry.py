@@ -1,8 +1,9 @@
 """The registry of evaluation protocols: each entry is a callable plus the facts its callers ask about.
 
-A leaf module: it imports nothing of medssl but :mod:`medssl.errors`, so anything may read it. The protocols themselves register on
-import (:mod:`medssl.eval.protocol` registers ``linear``, ``knn`` and ``collapse``, :mod:`medssl.eval.finetune`
-``finetune``, :mod:`medssl.eval.segment` ``segment``); importing the :mod:`medssl.eval` package imports them.
+A leaf module: it imports nothing of medssl but :mod:`medssl.errors`, so anything may read it. The protocols
+themselves register on import (:mod:`medssl.eval.protocol` registers ``linear``, ``knn`` and ``collapse``,
+:mod:`medssl.eval.finetune` ``finetune``, :mod:`medssl.eval.segment` ``segment``); importing the
+:mod:`medssl.eval` package imports them.
 
 An entry answers, for its name:
 

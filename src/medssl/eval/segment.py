@@ -32,7 +32,8 @@ from medssl.eval.registry import register_protocol
 from medssl.nn.segmentation import SegmentationNet
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, eps: float = 1.0) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+                 eps: float = 1.0) -> torch.Tensor:
     """Cross-entropy + ``dice_weight`` × (1 − mean soft Dice over the foreground classes), batch-wise.
 
     Soft Dice of class ``c``: ``(2 Σ p_c t_c + eps) / (Σ p_c + Σ t_c + eps)`` over every pixel of the batch,
