@@ -220,8 +220,6 @@ def pretrain(
         CheckpointError: ``resume`` on a directory that holds no run (nothing to resume).
         ConfigError: no method, or an invalid option / config value.
     """
-    from medssl.engine.trainer import pretrain as _pretrain
-
     base: dict[str, Any] | None = None
     saved = Path(out) / "config.yaml"
     if resume and saved.is_file():
@@ -232,6 +230,8 @@ def pretrain(
             raise CheckpointError(f"--resume: nothing to resume in {out} (the directory {what})")
         raise ConfigError("no method given (--method NAME or a --config recipe)")
     cfg = make_config(method=method, data=data, config=config, overrides=overrides, base=base, **flags)
+    from medssl.engine.trainer import pretrain as _pretrain
+
     return _pretrain(cfg, out, resume=resume, force=force, progress=progress)
 
 

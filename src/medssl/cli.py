@@ -49,8 +49,9 @@ def _positive_int(text: str) -> int:
 class LazyChoices(Sequence[str]):
     """A flag's allowed values, read from where they are defined (``load()``) the first time they are needed.
 
-    argparse only looks at ``choices`` when the flag is given or the help is printed, so building the parser does
-    not import what defines them (the trainer, the export layouts).
+    argparse looks at ``choices`` when the flag is given or the help is printed (and, to format a default metavar,
+    when the option is added: :func:`add_flag` gives such options a metavar), so building the parser does not
+    import what defines them (the trainer, for the precisions).
     """
 
     def __init__(self, load: Callable[[], Sequence[str]]) -> None:
@@ -88,18 +89,6 @@ def _protocols() -> tuple[list[str], str]:
     return protocol_names(), protocols_help()
 
 
-def _inits() -> tuple[str, ...]:
-    from medssl.encoders import INITS
-
-    return INITS
-
-
-def _export_formats() -> tuple[str, ...]:
-    from medssl.export_formats import FORMATS
-
-    return FORMATS
-
-
 def add_flag(parser: Any, flag: Any) -> None:
     """Add one :class:`medssl.api.Flag` to a parser or argument group (its value lands in ``dest=flag.name``)."""
     kwargs: dict[str, Any] = {"dest": flag.name, "default": None, "help": flag.help}
@@ -107,8 +96,9 @@ def add_flag(parser: Any, flag: Any) -> None:
         kwargs.update(action="store_const", const=flag.const)
     else:
         kwargs.update(type=flag.type, metavar=flag.metavar)
-        if flag.choices is not None:
-            kwargs["choices"] = LazyChoices(flag.choices)
+        if flag.choices is not None:  # listed in the help when it is printed, not when the option is added
+            kwargs.update(choices=LazyChoices(flag.choices), metavar=flag.metavar or flag.name.upper(),
+                          help=f"{flag.help} (one of: %(choices)s)")
     parser.add_argument(flag.option, **kwargs)
 
 
@@ -133,13 +123,13 @@ def _add_pretrain(sub: Any, data_help: str) -> None:
 
 
 def _add_evaluate(sub: Any, data_help: str) -> None:
-    from medssl.encoders import DEVICE_HELP
+    from medssl.encoders import DEVICE_HELP, INITS
 
     names, protocol_help = _protocols()
     ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
     ev.add_argument("--run", help="run directory of a pretraining run")
     ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    ev.add_argument("--init", action="append", choices=LazyChoices(_inits),
+    ev.add_argument("--init", action="append", choices=INITS,
                     help="baseline initialisation (repeatable); imagenet is skipped with a note when offline")
     ev.add_argument("--data", required=True, help=data_help)
     ev.add_argument("--task", help="label task where the dataset has several")

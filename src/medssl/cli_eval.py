@@ -12,11 +12,12 @@ from typing import Any
 def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[str], list[int]],
                 positive_int: Callable[[str], int], data_help: str) -> None:
     """Register the four sub-commands on ``medssl``'s sub-parser object."""
-    from medssl.cli import LazyChoices, _export_formats, _inits, _protocols
+    from medssl.cli import _protocols
     from medssl.data.splits import SPLIT_NAMES
-    from medssl.encoders import DEVICE_HELP
+    from medssl.encoders import DEVICE_HELP, INITS
+    from medssl.export_formats import FORMATS
 
-    inits = LazyChoices(_inits)
+    inits = INITS
     protocol_names, protocol_help = _protocols()
     cmp = sub.add_parser("compare", help="evaluate several runs and baselines with several protocols: one table")
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories to compare")
@@ -65,7 +66,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     esrc = exp.add_mutually_exclusive_group(required=True)
     esrc.add_argument("--run", help="run directory")
     esrc.add_argument("--checkpoint", help="an exported medssl encoder .safetensors")
-    exp.add_argument("--format", required=True, choices=LazyChoices(_export_formats),
+    exp.add_argument("--format", required=True, choices=FORMATS,
                      help="key layout of the written file")
     exp.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit)")
     exp.add_argument("--out", required=True, help="output .safetensors file (never a file of the run itself)")

@@ -156,10 +156,10 @@ def load_encoder(path: str | Path) -> Encoder:
         CheckpointError: missing or unreadable file, missing metadata or weights that do not fit the recorded
             model.
     """
-    from medssl.nn.backbones import Encoder, build_backbone
-
     meta = read_metadata(path)
     require_medssl_metadata(meta, path)
+    from medssl.nn.backbones import Encoder, build_backbone
+
     backbone = build_backbone(
         meta["model_name"],
         in_chans=int(meta["in_chans"]),
@@ -324,12 +324,12 @@ def _checkpoint_config(ckpt: dict[str, Any], path: Path) -> PretrainConfig:
 
 def _method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any, PretrainConfig]:
     """The method a training checkpoint was written by, rebuilt from its config and loaded with its weights."""
+    cfg = _checkpoint_config(ckpt, path)
     from medssl.data.manifest import drop_bad
     from medssl.data.specs import open_from_config
     from medssl.engine.trainer import pretrain_indices
     from medssl.methods import DataInfo, get_method
 
-    cfg = _checkpoint_config(ckpt, path)
     ds = open_from_config(cfg.data, cache=False)
     if cfg.data.skip_bad:
         ds = drop_bad(ds)
@@ -353,8 +353,6 @@ def checkpoint_encoders(path: str | Path, which: str | None = None) -> list[Name
         CheckpointError: a missing, unreadable or foreign file; a checkpoint without a config, or whose weights do
             not fit it.
     """
-    from medssl.nn.backbones import Encoder
-
     path = Path(path)
     if path.suffix == ".safetensors":
         return [(path.stem, load_encoder(path))]
@@ -364,6 +362,8 @@ def checkpoint_encoders(path: str | Path, which: str | None = None) -> list[Name
 
     ckpt = load_checkpoint(path)
     method, cfg = _method_from_checkpoint(ckpt, path)
+    from medssl.nn.backbones import Encoder
+
     encs = method.encoders()
     chosen = select_encoders(list(encs), which, f"checkpoint {path}")
     return [(f"{cfg.method_name}@{int(ckpt['step'])}" + (f":{n}" if len(encs) > 1 else ""), Encoder(encs[n]).eval())

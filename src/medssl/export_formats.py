@@ -39,6 +39,7 @@ from medssl.encoders import (
 )
 from medssl.errors import CheckpointError, ConfigError
 from medssl.export import write_safetensors
+from medssl.fileio import check_output_file
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MONAI_RESNETS = {"resnet10_3d": "resnet10", "resnet18_3d": "resnet18", "resnet34_3d": "resnet34"}
@@ -140,10 +141,11 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def owned_by(out: str | Path, source: Path, run: Path | None) -> Path | None:
-    """The file ``out`` would overwrite that belongs to the export's source, or ``None``.
+    """The file of the export's source that writing ``out`` would overwrite, or ``None``.
 
-    ``out`` belongs to the source when it resolves (``..`` and symbolic links followed) to the source encoder file,
-    to any existing file inside the run directory ``run``, or to a name a run writes there (:data:`RUN_FILES`).
+    ``out`` is such a file when it resolves (``..`` and symbolic links followed) to the source encoder file, to
+    any existing file inside the run directory ``run``, or to a name a run writes there (:data:`RUN_FILES`). The
+    file is returned as ``run / relative path`` (or ``source``).
     """
     target = Path(out).resolve()
     if target == source.resolve():
@@ -155,7 +157,7 @@ def owned_by(out: str | Path, source: Path, run: Path | None) -> Path | None:
         return None
     rel = target.relative_to(root)
     if target.exists() or any(fnmatch.fnmatchcase(rel.as_posix(), pattern) for pattern in RUN_FILES):
-        return target
+        return run / rel
     return None
 
 
@@ -201,10 +203,11 @@ def export_weights(
         raise ConfigError(f"--out {out}: expected a .safetensors file name")
     owned = owned_by(out, src, run_dir)
     if owned is not None:
-        where = f"run {run_dir}" if run_dir is not None else "the source"
-        raise ConfigError(f"--out {out}: is {owned}, a file of {where}; export to a path outside the run directory")
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a directory; give a .safetensors file name")
+        where = f"of run {run_dir}" if run_dir is not None else "being exported"
+        same = "" if str(owned) == str(out) else f" (that is {owned})"
+        raise ConfigError(f"--out {out}{same}: a file {where} must not be overwritten; export to a path outside "
+                          "the run directory")
+    check_output_file(out)
     state, snippet = _CONVERTERS[fmt](meta, load_tensors(src), out)
     notes = []
     if meta.get("whitening"):

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from medssl.errors import CheckpointError, ConfigError, StorageError
-from medssl.fileio import atomic_write_text
+from medssl.errors import CheckpointError, ConfigError
+from medssl.fileio import atomic_write_text, check_output_file
 
 MAX_RECONSTRUCTIONS = 3
 _CSS = """
@@ -283,6 +283,4 @@ def build_report(runs: Sequence[str | Path], out: str | Path | None = None,
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>medssl report: {_esc(', '.join(labels))}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
-    if out.is_dir():
-        raise StorageError(f"--out {out}: is a directory; give the HTML file name")
-    return atomic_write_text(out, page)
+    return atomic_write_text(check_output_file(out), page)
