@@ -82,7 +82,7 @@ def _data_help() -> str:
     return spec_help()
 
 
-def _protocols() -> tuple[list[str], str]:
+def protocol_choices() -> tuple[list[str], str]:
     """The registered evaluation protocols (``--protocol`` choices) and their help."""
     from medssl.eval.registry import protocol_names, protocols_help
 
@@ -125,7 +125,7 @@ def _add_pretrain(sub: Any, data_help: str) -> None:
 def _add_evaluate(sub: Any, data_help: str) -> None:
     from medssl.encoders import DEVICE_HELP, INITS
 
-    names, protocol_help = _protocols()
+    names, protocol_help = protocol_choices()
     ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
     ev.add_argument("--run", help="run directory of a pretraining run")
     ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")

@@ -12,16 +12,15 @@ from typing import Any
 def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[str], list[int]],
                 positive_int: Callable[[str], int], data_help: str) -> None:
     """Register the four sub-commands on ``medssl``'s sub-parser object."""
-    from medssl.cli import _protocols
+    from medssl.cli import protocol_choices
     from medssl.data.splits import SPLIT_NAMES
     from medssl.encoders import DEVICE_HELP, INITS
     from medssl.export_formats import FORMATS
 
-    inits = INITS
-    protocol_names, protocol_help = _protocols()
+    protocol_names, protocol_help = protocol_choices()
     cmp = sub.add_parser("compare", help="evaluate several runs and baselines with several protocols: one table")
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories to compare")
-    cmp.add_argument("--init", action="append", default=[], choices=inits,
+    cmp.add_argument("--init", action="append", default=[], choices=INITS,
                      help="baseline initialisation with the first run's backbone (repeatable); imagenet needs the "
                           "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note "
                           "otherwise")
@@ -31,7 +30,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
                      help=f"one or more protocols: {protocol_help}")
     cmp.add_argument("--label-fractions", type=floats, default=[0.01, 0.1, 1.0])
     cmp.add_argument("--seeds", type=ints, default=[0, 1, 2])
-    cmp.add_argument("--epochs", type=positive_int, help="training length of protocols that train (finetune, segment)")
+    cmp.add_argument("--epochs", type=positive_int, help="training length of the protocols that train")
     cmp.add_argument("--encoder", help="which encoder of multi-encoder runs")
     cmp.add_argument("--image-size", type=positive_int)
     cmp.add_argument("--batch-size", type=positive_int, default=256)
@@ -50,7 +49,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     src = emb.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory")
     src.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    src.add_argument("--init", choices=inits, help="a baseline initialisation")
+    src.add_argument("--init", choices=INITS, help="a baseline initialisation")
     emb.add_argument("--data", required=True, help=data_help)
     emb.add_argument("--task", help="label task where the dataset has several")
     emb.add_argument("--split", choices=SPLIT_NAMES, help="only this split (default: all items)")
