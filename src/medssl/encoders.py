@@ -50,7 +50,10 @@ ALL_ENCODERS = (None, "both", "all")
 IMAGENET_WEIGHTS_ENV = "MEDSSL_IMAGENET_WEIGHTS"
 """Environment variable naming a local ImageNet weights file (timm layout, ``.safetensors`` / ``.pth``)."""
 
-DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)"
+DEVICES = "cpu, cuda, cuda:N or mps"
+"""The devices medssl evaluates on (``--device``)."""
+
+DEVICE_HELP = f"{DEVICES} (default: cuda if available, else cpu)"
 
 log = logging.getLogger("medssl")
 
@@ -76,7 +79,7 @@ def resolve_device(device: str | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {device}: not a device name (expected {DEVICE_HELP})") from None
+        raise ConfigError(f"--device {device}: not a device name (expected {DEVICES})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
@@ -87,7 +90,7 @@ def resolve_device(device: str | None = None) -> torch.device:
         if not torch.backends.mps.is_available():
             raise ConfigError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
     elif dev.type != "cpu":
-        raise ConfigError(f"--device {device}: medssl runs on {DEVICE_HELP}, not on '{dev.type}'")
+        raise ConfigError(f"--device {device}: medssl runs on {DEVICES}, not on '{dev.type}'")
     return dev
 
 
