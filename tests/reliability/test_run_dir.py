@@ -96,6 +96,14 @@ def test_lock_is_held_in_process_and_released_after_the_run(tmp_path):
     again.release()
 
 
+def test_resume_with_nothing_to_resume_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "typo" / "run"
+    assert main(["pretrain", *TINY, "--max-steps", "2", "--out", str(out), "--resume"]) == 2
+    assert _error_lines(capsys.readouterr().err) == [
+        f"medssl: error: --resume: {out / 'checkpoints' / 'last.ckpt'} does not exist (nothing to resume in {out})"]
+    assert not (tmp_path / "typo").exists()
+
+
 def test_stale_checkpoint_temps_are_removed_on_start_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"

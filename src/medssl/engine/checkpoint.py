@@ -106,7 +106,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {first})") from None
-    if not isinstance(ckpt, dict) or "step" not in ckpt or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or "step" not in ckpt or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"checkpoint {path}: not a medssl training checkpoint")
     return ckpt
 

@@ -18,6 +18,7 @@ run) and tells the others whether it got the lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -26,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from medssl.config import PretrainConfig, save_config
-from medssl.errors import ConfigError, MedsslError, RunLockedError, StorageError
+from medssl.errors import CheckpointError, ConfigError, MedsslError, RunLockedError, StorageError
 from medssl.fileio import describe_os_error, remove_stale_temps
 
 log = logging.getLogger("medssl")
 
 LOCK_NAME = ".lock"
+#: ``flock`` errors of file systems that have no locks at all (some network / parallel file systems): the run
+#: goes on unlocked, with a warning, rather than not at all.
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
 def _first_existing_ancestor(path: Path) -> Path | None:
@@ -73,9 +77,17 @@ class RunDir:
         self.root = Path(root)
         self._lock_fd: int | None = None
 
-    def check(self, data_spec: str) -> None:
-        """:func:`check_out_dir` of this directory: refuse an unusable ``--out`` before anything is written."""
+    def check(self, data_spec: str, *, resume: bool = False) -> None:
+        """Refuse an unusable ``--out`` (:func:`check_out_dir`), or ``resume`` without a checkpoint, before
+        anything is written.
+
+        Raises:
+            ConfigError: see :func:`check_out_dir`.
+            CheckpointError: ``resume`` and there is no ``checkpoints/last.ckpt``.
+        """
         check_out_dir(self.root, data_spec)
+        if resume and not self.last.is_file():
+            raise CheckpointError(f"--resume: {self.last} does not exist (nothing to resume in {self.root})")
 
     @property
     def config(self) -> Path:
@@ -126,8 +138,11 @@ class RunDir:
             raise RunLockedError(f"run directory {self.root} is in use by another medssl process{who}; wait for it "
                                  "to finish or choose another --out") from None
         except OSError as e:
-            os.close(fd)
-            raise StorageError(f"cannot lock {self.lock_file}: {describe_os_error(e)}") from None
+            if e.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise StorageError(f"cannot lock {self.lock_file}: {describe_os_error(e)}") from None
+            log.warning("cannot lock %s (%s: the file system has no locks); nothing stops a second run on this "
+                        "directory", self.lock_file, describe_os_error(e))
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd

@@ -58,7 +58,7 @@ def load_start(run: RunDir, cfg: PretrainConfig, *, resume: bool, force: bool) -
     """The checkpoint a run starts from: ``run.last`` with ``resume`` (config checked), else ``None``.
 
     Raises:
-        CheckpointError: ``resume`` without a checkpoint, or an unreadable one.
+        CheckpointError: ``resume`` with a missing or unreadable checkpoint (:func:`load_checkpoint`).
         ConfigError: a fresh run into a directory that already holds one, or a changed config without ``force``.
     """
     root, last = run.root, run.last
@@ -66,8 +66,6 @@ def load_start(run: RunDir, cfg: PretrainConfig, *, resume: bool, force: bool) -
         if last.is_file():
             raise ConfigError(f"{root} already holds a run (checkpoints/last.ckpt); use --resume or another --out")
         return None
-    if not last.is_file():
-        raise CheckpointError(f"--resume: {last} does not exist (nothing to resume in {root})")
     ckpt = load_checkpoint(last)
     check_resume_config(ckpt.get("config") or {}, cfg.to_dict(), force)
     log.info("resuming %s from step %d (%s)", root, int(ckpt["step"]), last)

@@ -231,7 +231,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     """
     _quiet_lightning()
     run = RunDir(out_dir)
-    run.check(cfg.data.spec)
+    run.check(cfg.data.spec, resume=resume)
     fabric = make_fabric(cfg.train)
     fabric.launch()
     with run.locked(fabric), _deterministic(cfg.train.deterministic):
