@@ -124,7 +124,8 @@ class OptimConfig:
         sets: per parameter set, overrides of the fields above (``{set name: {field: value}}``). Set names
             are checked against the method's sets when training starts.
 
-    Ranges, checked when the section is built: ``lr > 0`` and finite, ``weight_decay >= 0``, ``momentum`` and
+    Ranges, checked when the section is built: ``lr >= 0`` and finite (0 leaves the weights unchanged: useful
+    to test gradients), ``weight_decay >= 0``, ``momentum`` and
     each beta in ``[0, 1)``, ``warmup_fraction`` and ``min_lr_ratio`` in ``[0, 1]``, ``warmup_steps >= 0``,
     ``grad_clip >= 0`` (each set's overrides alike).
     """
@@ -144,7 +145,7 @@ class OptimConfig:
         """Check every value's range, then every per-set override (unknown keys, wrong types and values out of
         range are errors there too, named ``optim.sets.<set>.<key>``)."""
         check_choice("name", self.name, OPTIMIZERS, allow_none=True)
-        check_range("lr", self.lr, gt=0, allow_none=True)
+        check_range("lr", self.lr, ge=0, allow_none=True)  # 0 freezes the weights (gradient tests use it)
         check_range("weight_decay", self.weight_decay, ge=0)
         check_range("momentum", self.momentum, ge=0, lt=1)
         for i, beta in enumerate(self.betas):

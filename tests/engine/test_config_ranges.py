@@ -25,10 +25,9 @@ def _build(section: str, values: dict) -> object:
     ("train", {"seed": 2**31}, "train.seed must be in [0, 2147483647], got 2147483648"),
     ("train", {"precision": "64"}, "train.precision must be one of 32, 32-true, bf16-mixed, 16-mixed, got '64'"),
     ("train", {"accelerator": "tpu9"}, "train.accelerator must be one of auto, cpu, cuda, gpu, mps, got 'tpu9'"),
-    ("optim", {"lr": -1}, "optim.lr must be > 0, got -1.0"),
-    ("optim", {"lr": 0}, "optim.lr must be > 0, got 0.0"),
-    ("optim", {"lr": float("nan")}, "optim.lr must be a finite number > 0, got nan"),
-    ("optim", {"lr": float("inf")}, "optim.lr must be a finite number > 0, got inf"),
+    ("optim", {"lr": -1}, "optim.lr must be >= 0, got -1.0"),
+    ("optim", {"lr": float("nan")}, "optim.lr must be a finite number >= 0, got nan"),
+    ("optim", {"lr": float("inf")}, "optim.lr must be a finite number >= 0, got inf"),
     ("optim", {"weight_decay": -0.1}, "optim.weight_decay must be >= 0, got -0.1"),
     ("optim", {"momentum": 5}, "optim.momentum must be in [0, 1), got 5.0"),
     ("optim", {"momentum": 1}, "optim.momentum must be in [0, 1), got 1.0"),
@@ -38,7 +37,7 @@ def _build(section: str, values: dict) -> object:
     ("optim", {"min_lr_ratio": -0.5}, "optim.min_lr_ratio must be in [0, 1], got -0.5"),
     ("optim", {"grad_clip": -1}, "optim.grad_clip must be >= 0, got -1.0"),
     ("optim", {"name": "adam"}, "optim.name must be one of sgd, adamw, got 'adam'"),
-    ("optim", {"sets": {"vit": {"lr": -1}}}, "optim.sets.vit.lr must be > 0, got -1.0"),
+    ("optim", {"sets": {"vit": {"lr": -1}}}, "optim.sets.vit.lr must be >= 0, got -1.0"),
     ("optim", {"sets": {"vit": {"betas": [1.2, 0.9]}}}, "optim.sets.vit.betas[0] must be in [0, 1), got 1.2"),
     ("checkpoint", {"every_n_steps": -1}, "checkpoint.every_n_steps must be >= 0, got -1"),
     ("checkpoint", {"keep_last_k": 0}, "checkpoint.keep_last_k must be >= 1, got 0"),
@@ -57,6 +56,7 @@ def test_out_of_range_values_name_key_range_and_value(section, values, message):
     ("optim", {"lr": None, "weight_decay": 0, "momentum": 0, "betas": [0, 0], "warmup_steps": 0,
                "warmup_fraction": 0, "min_lr_ratio": 0, "grad_clip": 0}),
     ("optim", {"lr": 1e-8, "momentum": 0.999, "warmup_fraction": 1, "min_lr_ratio": 1}),
+    ("optim", {"lr": 0.0}),  # frozen weights: tests of gradients use it
     ("checkpoint", {"every_n_steps": 0, "keep_last_k": 1}),
 ])
 def test_boundary_values_are_accepted(section, values):
