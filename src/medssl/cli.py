@@ -147,7 +147,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
         epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, seed=a.seed, devices=a.devices, precision=a.precision,
         skip_bad=a.skip_bad, splits=a.splits, cache=False if a.no_cache else None,
     )
-    from medssl.engine.distributed import rank
+    from medssl.distributed import rank
 
     if rank() == 0:
         print(f"run written to {run}")

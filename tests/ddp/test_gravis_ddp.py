@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from medssl.losses.grouping_ap import grouping_ap_loss
 from tests.ddp.test_gather_infonce_ddp import _free_port
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from tests.ddp.test_gather_infonce_ddp import _free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]

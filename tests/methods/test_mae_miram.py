@@ -17,7 +17,7 @@ from medssl.data.folder import FolderDataset
 from medssl.data.highres import HighResDataset, highres_key
 from medssl.data.manifest import drop_bad
 from medssl.data.phantoms import PhantomDataset, render_phantom2d
-from medssl.engine.trainer import _collate_images
+from medssl.engine.loader import _collate_images
 from medssl.errors import ConfigError, DataError
 from medssl.losses.reconstruction import reconstruction_loss
 from medssl.methods import DataInfo, get_method

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 
 SIMILARITIES = ("cosine", "dot")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from medssl.losses import info_nce
 from medssl.methods import register
 from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput, ViewSpec
