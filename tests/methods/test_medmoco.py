@@ -14,7 +14,7 @@ import torch
 from medssl.config import build_config
 from medssl.errors import ConfigError
 from medssl.export import export_encoders, load_encoder
-from medssl.methods import DataInfo, get_method, method_table
+from medssl.methods import DataInfo, build_method, get_method, method_table
 from medssl.methods.medmoco import MedMoCo
 from medssl.methods.mocov2 import MoCoV2
 from medssl.nn.backbones import Encoder
@@ -32,7 +32,9 @@ def _info(size: int = 16, sd: int = 2) -> DataInfo:
 
 def _build(cls, cfg, info, seed: int = 0):
     torch.manual_seed(seed)
-    return cls(cfg, info)
+    method = build_method(cfg, info)
+    assert type(method) is cls
+    return method
 
 
 def _step(model, images, seed: int = 1):
@@ -129,7 +131,7 @@ def test_3d_volumes():
 
 def test_a_vit_backbone_with_the_local_term_is_a_config_error():
     with pytest.raises(ConfigError, match="local_weight"):
-        MedMoCo(_cfg(backbone="vit_tiny_patch16_224", stem="default", size=32), _info(32))
+        build_method(_cfg(backbone="vit_tiny_patch16_224", stem="default", size=32), _info(32))
 
 
 def test_cpu_recipe_keeps_a_feature_map_with_distinct_regions():

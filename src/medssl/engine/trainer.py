@@ -29,7 +29,7 @@ from medssl.engine.logging import MetricsCSV, Progress
 from medssl.engine.optim import build_optimizer, build_scheduler, set_configs
 from medssl.engine.sampler import ResumableBatchSampler
 from medssl.errors import CheckpointError, ConfigError, MedsslError
-from medssl.methods import DataInfo, Method, get_method
+from medssl.methods import DataInfo, Method, build_method, get_method
 
 log = logging.getLogger("medssl")
 
@@ -295,7 +295,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     info = DataInfo(in_chans=dataset.in_chans, spatial_dims=dataset.spatial_dims,
                     image_size=int(cfg.data.image_size), num_samples=len(indices))
     with fabric.init_module():
-        method = method_cls(cfg, info)
+        method = build_method(cfg, info)
     if t.channels_last:  # NHWC / NDHWC convolutions (the weights decide the format of every conv's output)
         method = method.to(memory_format=torch.channels_last if info.spatial_dims == 2 else torch.channels_last_3d)
     lr = _lr_for(cfg, method_cls)
