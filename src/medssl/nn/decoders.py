@@ -18,7 +18,10 @@ from torch import nn
 
 from medssl.nn.layers import conv, linear_mode, make_norm
 
-__all__ = ["ConvBlock", "UNetDecoder", "default_decoder_channels"]
+__all__ = ["NORMS", "ConvBlock", "UNetDecoder", "default_decoder_channels"]
+
+#: normalisations of the decoders' convolution blocks
+NORMS = ("batch", "instance", "none")
 
 
 class ConvBlock(nn.Sequential):
@@ -29,11 +32,16 @@ class ConvBlock(nn.Sequential):
         out_channels: output channels of every convolution.
         spatial_dims: 2 or 3.
         num_convs: convolutions in the block.
-        norm: ``batch``, ``instance``, ``group`` or ``none`` (:func:`medssl.nn.layers.make_norm`).
+        norm: ``batch``, ``instance`` or ``none`` (:func:`medssl.nn.layers.make_norm`).
+
+    Raises:
+        ValueError: another norm or ``spatial_dims``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int, num_convs: int = 2,
                  norm: str = "batch") -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be 'batch', 'instance' or 'none', got '{norm}'")
         conv_cls = conv(spatial_dims)
         layers: list[nn.Module] = []
         for i in range(num_convs):
@@ -70,7 +78,7 @@ class UNetDecoder(nn.Module):
         final_channels: width of the block at the output resolution (default: half the last decoder width,
             at least 16); ``0`` = no final block (the 1x1 head applies to the upsampled features).
         num_convs: convolutions per block (2 as in U-Net; 1 for an even lighter decoder).
-        norm: ``batch``, ``instance``, ``group`` or ``none``.
+        norm: ``batch``, ``instance`` or ``none``.
         upsample_mode: ``nearest`` or ``linear`` (bi/trilinear) upsampling before each skip.
 
     Raises:
