@@ -117,7 +117,8 @@ def _image_loss_by_hand(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 @pytest.mark.parametrize("sd,shape,p", [(2, (3, 2, 8, 12), 4), (3, (2, 1, 4, 8, 4), 2)])
 @pytest.mark.parametrize("norm_pix", [True, False])
-def test_masked_image_loss_matches_hand_written_formula(sd: int, shape: tuple[int, ...], p: int, norm_pix: bool) -> None:
+def test_masked_image_loss_matches_hand_written_formula(sd: int, shape: tuple[int, ...], p: int,
+                                                        norm_pix: bool) -> None:
     torch.manual_seed(0)
     pred, target = torch.randn(shape), torch.randn(shape)
     grid = tuple(s // p for s in shape[2:])
@@ -167,4 +168,5 @@ def test_masked_image_loss_equals_reconstruction_loss_of_patchified_images() -> 
                                                    ((2, 1, 8, 8), (3, 2, 2))])
 def test_masked_image_loss_rejects_shapes_that_do_not_fit(pred_shape, mask_shape) -> None:
     with pytest.raises(ValueError):
-        masked_image_loss(torch.zeros(pred_shape), torch.zeros(pred_shape), torch.zeros(mask_shape, dtype=torch.bool), 4)
+        masked_image_loss(torch.zeros(pred_shape), torch.zeros(pred_shape),
+                          torch.zeros(mask_shape, dtype=torch.bool), 4)

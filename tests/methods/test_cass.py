@@ -192,7 +192,8 @@ def test_two_optimizers_and_schedules_survive_resume(tmp_path, monkeypatch):
         assert a["schedulers"][name]["last_epoch"] == b["schedulers"][name]["last_epoch"] == 8
     groups = {n: a["optimizers"][n]["param_groups"] for n in ("cnn", "vit")}
     assert {g["initial_lr"] for g in groups["cnn"]} == {1e-3} and {g["initial_lr"] for g in groups["vit"]} == {5e-4}
-    assert max(g["weight_decay"] for g in groups["vit"]) == 0.05 and max(g["weight_decay"] for g in groups["cnn"]) == 1e-4
+    assert max(g["weight_decay"] for g in groups["vit"]) == 0.05
+    assert max(g["weight_decay"] for g in groups["cnn"]) == 1e-4
 
     def factor(s):  # warm-up 2 steps then cosine to 0 over the remaining 6 (hand-written)
         return (s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))

@@ -168,7 +168,8 @@ def test_exported_backbone_is_plain_resnet3d(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "sd,kwargs,match",
-    [(2, {"mask_strategy": "tube"}, "3D"), (2, {"mask_patch_size": 5}, "divisible"), (2, {"mask_ratio": 0.0}, "mask_ratio"),
+    [(2, {"mask_strategy": "tube"}, "3D"), (2, {"mask_patch_size": 5}, "divisible"),
+     (2, {"mask_ratio": 0.0}, "mask_ratio"),
      (2, {"input_fill": "noise"}, "input_fill"), (2, {"decoder_channels": [8, 8]}, "decoder_channels"),
      (2, {"augment": "heavy"}, "augment")],
 )

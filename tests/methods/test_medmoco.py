@@ -164,7 +164,8 @@ def test_cli_pretrain_logs_rank_columns_and_collapse_protocol(tmp_path):
     assert 1.0 <= float(rows[-1]["backbone_eff_rank"]) <= 32.0  # ... step 12, the last, is
     assert {"loss_global", "loss_local"} <= set(header)
     out = tmp_path / "collapse"
-    assert main(["evaluate", "--run", str(run), "--data", "phantom2d", "--protocol", "collapse", "--out", str(out)]) == 0
+    assert main(["evaluate", "--run", str(run), "--data", "phantom2d", "--protocol", "collapse",
+                 "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     names = [r["encoder"] for r in data["rows"]]
     assert names == ["medmoco", "medmoco (before whitening)"]

@@ -225,7 +225,8 @@ class BackboneMethod(Method[C]):
         }
 
 
-def check_mask_units(mask: MaskConfig, grid: Sequence[int], *, values_per_unit: int, norm_pix: bool, sizes: str) -> None:
+def check_mask_units(mask: MaskConfig, grid: Sequence[int], *, values_per_unit: int, norm_pix: bool,
+                     sizes: str) -> None:
     """Refuse masked-image-modelling settings that cannot train on this data (they would train to NaN or to
     nothing), before anything trains.
 

@@ -183,14 +183,16 @@ class CNNMIM(BackboneMethod[CNNMIMConfig]):
         self.mask_tokens = nn.ParameterList(
             [nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, c, *token_shape), std=0.02)) for c in chans]
         ) if m.densify else None
-        self.input_token = nn.Parameter(torch.zeros(1, data.in_chans, *token_shape)) if m.input_fill == "token" else None
+        self.input_token = (nn.Parameter(torch.zeros(1, data.in_chans, *token_shape)) if m.input_fill == "token"
+                            else None)
         if m.augment == "light":
             views = ViewConfig(crop_scale=views.crop_scale, crop_ratio=views.crop_ratio, flip_p=views.flip_p,
                                flip_axes=views.flip_axes, intensity_p=0.0, blur_p=0.0, noise_std=0.0)
         self.views = ViewSampler(views, data.image_size, data.spatial_dims)
 
     # -- pieces ---------------------------------------------------------------------------------------------
-    def draw_mask(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw_mask(self, batch_size: int, device: torch.device,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, *grid)`` bool unit mask (global CPU RNG unless ``generator``; same on every device)."""
         return mask_grid(self.mask_cfg, batch_size, self.grid, generator=generator, device=device)
 

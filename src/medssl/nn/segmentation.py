@@ -104,7 +104,8 @@ class ProgressiveUpsamplingDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             last = i == len(self.blocks) - 1
-            size = tuple(out_shape) if last else tuple(min(2 * s, o) for s, o in zip(x.shape[2:], out_shape, strict=True))
+            size = tuple(out_shape) if last else tuple(min(2 * s, o)
+                                                       for s, o in zip(x.shape[2:], out_shape, strict=True))
             x = F.interpolate(x, size=size, mode=self.mode, align_corners=False)
         return self.head(x)
 

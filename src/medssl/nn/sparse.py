@@ -87,7 +87,8 @@ def sparse_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, visi
     With ``V`` the visible positions of the batch (all samples, all spatial positions where ``visible = 1``)
     and ``n = |V|``, per channel::
 
-        mean = Σ_V x / n,   var = Σ_V (x − mean)² / n,   y = (x − mean) / sqrt(var + eps) · γ + β   on V, 0 elsewhere
+        mean = Σ_V x / n,   var = Σ_V (x − mean)² / n,
+        y = (x − mean) / sqrt(var + eps) · γ + β   on V, 0 elsewhere
 
     In training mode the running statistics are updated with ``mean`` and the unbiased ``var · n / (n − 1)``
     (as :class:`torch.nn.BatchNorm2d`); in evaluation mode the running statistics replace ``mean`` and ``var``.
