@@ -155,12 +155,12 @@ def sparsify(backbone: nn.Module, state: MaskState, stages: Sequence[str] = RESN
     """
     for name, module in list(backbone.named_modules()):
         sparse_cls = _SPARSE_BN.get(type(module))
-        if sparse_cls is None:
+        if sparse_cls is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        bn: nn.modules.batchnorm._BatchNorm = module  # type: ignore[assignment]
-        new = sparse_cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats, device=bn.weight.device if bn.affine else None)
-        new.load_state_dict(bn.state_dict())
+        new = sparse_cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                         track_running_stats=module.track_running_stats,
+                         device=module.weight.device if module.affine else None)
+        new.load_state_dict(module.state_dict())
         new.mask_state = state
         parent_name, _, child = name.rpartition(".")
         setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, new)
