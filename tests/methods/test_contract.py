@@ -172,3 +172,10 @@ def test_unsupported_spatial_dims_are_refused(name: str) -> None:
     for sd in {2, 3} - set(METHODS[name].supported_spatial_dims):
         with pytest.raises(ConfigError):
             build_method(_config(name, 2), _info(sd))
+
+
+def test_a_method_takes_its_hyper_parameters_not_the_run_config():
+    cfg = _config("mocov2", 2)
+    cls = METHODS["mocov2"]
+    with pytest.raises(TypeError, match="build_method"):
+        cls(cfg, cfg.model, cfg.views, _info(2))  # the whole run config where the hyper-parameters belong

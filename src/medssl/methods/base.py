@@ -121,7 +121,14 @@ class Method(nn.Module, Generic[C]):
     def __init__(self, hparams: C | None = None) -> None:
         """Args:
             hparams: the hyper-parameters; ``None`` = the defaults of ``config_cls``.
+
+        Raises:
+            TypeError: ``hparams`` is not a ``config_cls`` (e.g. a whole run config: build methods with
+                :func:`~medssl.methods.registry.build_method`).
         """
+        if hparams is not None and not isinstance(hparams, self.config_cls):
+            raise TypeError(f"{type(self).__name__} takes its {self.config_cls.__name__}, got "
+                            f"{type(hparams).__name__}; build methods with medssl.methods.build_method(cfg, data_info)")
         super().__init__()
         self.hparams: C = hparams if hparams is not None else cast(C, self.config_cls())
 
