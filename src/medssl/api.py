@@ -163,7 +163,7 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
         from medssl.data.specs import open_from_config
         from medssl.engine.checkpoint import load_checkpoint
         from medssl.engine.trainer import pretrain_indices
-        from medssl.methods import DataInfo, get_method
+        from medssl.methods import DataInfo, build_method
         from medssl.nn.backbones import Encoder
 
         ckpt = load_checkpoint(path)
@@ -176,7 +176,7 @@ def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
         info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
                         image_size=int(cfg.data.image_size or ds.image_size),
                         num_samples=len(pretrain_indices(ds, cfg.data.split)))
-        method = get_method(cfg.method_name)(cfg, info)
+        method = build_method(cfg, info)
         try:
             method.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -32,6 +32,7 @@ from medssl.engine.rundir import RunDir
 from medssl.engine.state import TrainState, load_start
 from medssl.errors import ConfigError
 from medssl.methods import DataInfo, Method, get_method
+from medssl.methods import build_method as build_registered_method
 
 log = logging.getLogger("medssl")
 
@@ -90,10 +91,11 @@ def resolve_defaults(cfg: PretrainConfig, dataset: Any, method_cls: type[Method]
 
 
 def build_method(cfg: PretrainConfig, info: DataInfo, fabric: Any) -> Method:
-    """The registered method ``cfg.method_name`` for data ``info``, initialised on Fabric's device, in
+    """The registered method ``cfg.method_name`` for data ``info`` (its per-method defaults resolved into ``cfg``
+    by :func:`medssl.methods.build_method`, before ``config.yaml`` is written), initialised on Fabric's device, in
     channels-last memory format with ``train.channels_last`` (the weights decide every conv's output format)."""
     with fabric.init_module():
-        method = get_method(cfg.method_name)(cfg, info)
+        method = build_registered_method(cfg, info)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last if info.spatial_dims == 2 else torch.channels_last_3d)
     return method
