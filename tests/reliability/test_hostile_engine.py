@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # 41 subprocesses in one fixture
 
 BASE = ["pretrain", "--method", "mocov2", "--data", "phantom2d:64", "--image-size", "16", "--batch-size", "8",
         "--max-steps", "2", "--set", "method.queue_size=32", "--quiet"]
