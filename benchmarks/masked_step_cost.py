@@ -29,7 +29,7 @@ import torch
 from medssl.api import make_config
 from medssl.data.highres import highres_key
 from medssl.engine.optim import build_optimizer
-from medssl.methods import DataInfo, get_method
+from medssl.methods import DataInfo, build_method
 from medssl.nn.masked_vit import visible_indices
 from medssl.transforms.masking import MaskConfig, mask_grid
 
@@ -58,7 +58,7 @@ def build_step(method_name: str, overrides: list[str], a: argparse.Namespace, de
     """A full training step and an encoder-only forward + backward, with their fixed random batch."""
     cfg = make_config(method=method_name, data="phantom2d", image_size=a.image_size, backbone=a.backbone,
                       overrides=overrides)
-    method = get_method(method_name)(cfg, DataInfo(1, 2, a.image_size, 1000)).to(device).train()
+    method = build_method(cfg, DataInfo(1, 2, a.image_size, 1000)).to(device).train()
     params = method.parameter_sets()["main"]
     cfg.optim.name, cfg.optim.weight_decay = "adamw", 0.05
     opt = build_optimizer(params, cfg.optim, 1e-4)

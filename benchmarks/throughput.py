@@ -54,7 +54,7 @@ from torch import nn
 from medssl.api import make_config
 from medssl.engine.optim import build_optimizer
 from medssl.losses.reconstruction import reconstruction_loss
-from medssl.methods import DataInfo, get_method
+from medssl.methods import DataInfo, build_method, get_method
 from medssl.transforms.intensity import MEAN, STD, normalize
 from medssl.transforms.masking import upsample_mask
 
@@ -112,8 +112,8 @@ def _method(name: str, args: argparse.Namespace, overrides: list[str] | None = N
     cls = get_method(name)
     if cfg.optim.lr is None:
         cfg.optim.lr = cls.default_lr
-    method = cls(cfg, DataInfo(in_chans=args.in_chans, spatial_dims=2, image_size=args.image_size,
-                               num_samples=65536)).train()
+    method = build_method(cfg, DataInfo(in_chans=args.in_chans, spatial_dims=2, image_size=args.image_size,
+                                        num_samples=65536)).train()
     return method, cfg
 
 

@@ -7,7 +7,7 @@ import yaml
 
 from medssl.api import PRETRAIN_FLAGS, flags_layer, make_config
 from medssl.cli import build_parser
-from medssl.engine.trainer import PRECISIONS
+from medssl.config import PRECISIONS
 from medssl.errors import ConfigError
 
 

@@ -120,12 +120,7 @@ def test_checkpoint_without_config_and_other_suffixes(tmp_path):
         encoders.checkpoint_encoders(tmp_path / "weights.pt")
 
 
-def test_init_encoders_and_the_moved_names():
-    import medssl.export
-
-    assert medssl.export.load_encoder is load_encoder and medssl.export.random_encoder is random_encoder
-    with pytest.raises(AttributeError):
-        medssl.export.no_such_name  # noqa: B018
+def test_check_inits():
     with pytest.raises(ConfigError, match="--init foo: expected one of random, imagenet"):
         encoders.check_inits(["random", "foo"])
     assert encoders.check_inits(["random", "random"]) == ["random"]

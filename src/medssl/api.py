@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medssl.config import PretrainConfig, build_config, load_yaml, parse_set
+from medssl.config import PRECISIONS, PretrainConfig, build_config, load_yaml, parse_set
 from medssl.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -46,12 +46,6 @@ def positive_int(text: str) -> int:
     return v
 
 
-def _precisions() -> tuple[str, ...]:
-    from medssl.engine.trainer import PRECISIONS
-
-    return PRECISIONS
-
-
 @dataclass(frozen=True)
 class Flag:
     """A named pretraining option: the keyword of :func:`pretrain` / :func:`make_config`, its command-line form and
@@ -63,7 +57,7 @@ class Flag:
         key: dotted config path it sets (``data.image_size``).
         help: command-line help.
         type: converter of the command-line string (``None``: the string as is).
-        choices: where the allowed values are defined, read when the command line needs them.
+        choices: the allowed values, the constant where they are defined.
         const: a switch: the option takes no value and sets the key to ``const`` (``--skip-bad``, ``--no-cache``).
         cli: the option string when it is not ``--name`` with dashes.
         exclusive: options with the same group name cannot be given together.
@@ -75,7 +69,7 @@ class Flag:
     key: str
     help: str | None = None
     type: Callable[[str], Any] | None = None
-    choices: Callable[[], Sequence[str]] | None = None
+    choices: Sequence[str] | None = None
     const: Any = None
     cli: str | None = None
     exclusive: str | None = None
@@ -99,7 +93,7 @@ PRETRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("seed", "train.seed", "seed of data order, augmentations and initialisation", int),
     Flag("devices", "train.devices", "devices (GPUs, or CPU processes); >1 uses DDP", positive_int),
     Flag("precision", "train.precision", "numeric precision (bf16-mixed: bf16 autocast on GPU)",
-         choices=_precisions),
+         choices=PRECISIONS),
     Flag("splits", "data.splits", "split manifest (splits.csv of an earlier run) to reuse", metavar="FILE"),
     Flag("cache", "data.cache", "do not cache decoded files (data.cache=false)", const=False, cli="--no-cache"),
     Flag("skip_bad", "data.skip_bad", "read every image once first and skip unreadable ones (listed in "

@@ -33,15 +33,20 @@ class FieldError(ConfigError):
         return ConfigError(f"{where}.{self.field} {self.problem}" if where else str(self))
 
 
+def _num(v: float) -> str:
+    """A bound as written: integers in full (``2147483647``), other numbers compactly (``0.5``, ``1e-08``)."""
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def _bounds_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
-    low = f">= {ge:g}" if ge is not None else (f"> {gt:g}" if gt is not None else "")
-    high = f"<= {le:g}" if le is not None else (f"< {lt:g}" if lt is not None else "")
+    low = f">= {_num(ge)}" if ge is not None else (f"> {_num(gt)}" if gt is not None else "")
+    high = f"<= {_num(le)}" if le is not None else (f"< {_num(lt)}" if lt is not None else "")
     if low and high:
         lo_b = "[" if ge is not None else "("
         hi_b = "]" if le is not None else ")"
         lo_v = ge if ge is not None else gt
         hi_v = le if le is not None else lt
-        return f"in {lo_b}{lo_v:g}, {hi_v:g}{hi_b}"
+        return f"in {lo_b}{_num(lo_v)}, {_num(hi_v)}{hi_b}"
     return low or high or "a finite number"
 
 

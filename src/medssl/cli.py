@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,36 +46,6 @@ def _positive_int(text: str) -> int:
     return positive_int(text)
 
 
-class LazyChoices(Sequence[str]):
-    """A flag's allowed values, read from where they are defined (``load()``) the first time they are needed.
-
-    argparse looks at ``choices`` when the flag is given or the help is printed (and, to format a default metavar,
-    when the option is added: :func:`add_flag` gives such options a metavar), so building the parser does not
-    import what defines them (the trainer, for the precisions).
-    """
-
-    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
-        self._load = load
-        self._values: tuple[str, ...] | None = None
-
-    def _get(self) -> tuple[str, ...]:
-        if self._values is None:
-            self._values = tuple(self._load())
-        return self._values
-
-    def __getitem__(self, i: Any) -> Any:
-        return self._get()[i]
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._get()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-
 def _data_help() -> str:
     from medssl.data.specs import spec_help
 
@@ -96,9 +66,8 @@ def add_flag(parser: Any, flag: Any) -> None:
         kwargs.update(action="store_const", const=flag.const)
     else:
         kwargs.update(type=flag.type, metavar=flag.metavar)
-        if flag.choices is not None:  # listed in the help when it is printed, not when the option is added
-            kwargs.update(choices=LazyChoices(flag.choices), metavar=flag.metavar or flag.name.upper(),
-                          help=f"{flag.help} (one of: %(choices)s)")
+        if flag.choices is not None:
+            kwargs["choices"] = flag.choices
     parser.add_argument(flag.option, **kwargs)
 
 
@@ -190,7 +159,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
 
     run = pretrain(a.method, a.data, a.out, config=a.config, overrides=a.overrides, resume=a.resume, force=a.force,
                    progress=not a.quiet, **{f.name: getattr(a, f.name) for f in PRETRAIN_FLAGS})
-    from medssl.engine.distributed import rank
+    from medssl.distributed import rank
 
     if rank() == 0:
         print(f"run written to {run}")

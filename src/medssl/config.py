@@ -20,10 +20,22 @@ from typing import Any
 
 import yaml
 
-from medssl.checks import FieldError
+from medssl.checks import FieldError, check_choice, check_range
 from medssl.data.readers import IntensityConfig
 from medssl.errors import ConfigError
+from medssl.fileio import atomic_write_text
 from medssl.transforms.views import ViewConfig
+
+#: ``train.precision`` values (Lightning Fabric's names; ``32`` is ``32-true``).
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+#: ``train.accelerator`` values.
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+#: ``data.split`` values: which split pretraining reads.
+SPLIT_CHOICES = ("train", "train+val", "all")
+#: ``optim.name`` values.
+OPTIMIZERS = ("sgd", "adamw")
+#: Largest ``train.seed``: every rank seeds with ``seed + rank``, which NumPy needs below 2**32.
+MAX_SEED = 2**31 - 1
 
 
 @dataclass
@@ -81,6 +93,9 @@ class DataConfig:
     cache_dir: str | None = None
     splits: str | None = None
 
+    def __post_init__(self) -> None:
+        check_choice("split", self.split, SPLIT_CHOICES)
+
 
 @dataclass
 class OptimConfig:
@@ -108,6 +123,11 @@ class OptimConfig:
         grad_clip: clip the gradient norm of each optimiser's parameters to this value (0 = off).
         sets: per parameter set, overrides of the fields above (``{set name: {field: value}}``). Set names
             are checked against the method's sets when training starts.
+
+    Ranges, checked when the section is built: ``lr >= 0`` and finite (0 leaves the weights unchanged: useful
+    to test gradients), ``weight_decay >= 0``, ``momentum`` and
+    each beta in ``[0, 1)``, ``warmup_fraction`` and ``min_lr_ratio`` in ``[0, 1]``, ``warmup_steps >= 0``,
+    ``grad_clip >= 0`` (each set's overrides alike).
     """
 
     name: str | None = None
@@ -122,7 +142,18 @@ class OptimConfig:
     sets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        """Validate every per-set override (unknown keys and wrong types are errors, like everywhere else)."""
+        """Check every value's range, then every per-set override (unknown keys, wrong types and values out of
+        range are errors there too, named ``optim.sets.<set>.<key>``)."""
+        check_choice("name", self.name, OPTIMIZERS, allow_none=True)
+        check_range("lr", self.lr, ge=0, allow_none=True)  # 0 freezes the weights (gradient tests use it)
+        check_range("weight_decay", self.weight_decay, ge=0)
+        check_range("momentum", self.momentum, ge=0, lt=1)
+        for i, beta in enumerate(self.betas):
+            check_range(f"betas[{i}]", beta, ge=0, lt=1)
+        check_range("warmup_steps", self.warmup_steps, ge=0, allow_none=True)
+        check_range("warmup_fraction", self.warmup_fraction, ge=0, le=1)
+        check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("grad_clip", self.grad_clip, ge=0)
         for name in self.sets:
             self.for_set(name)
 
@@ -152,8 +183,8 @@ class TrainConfig:
         max_steps: total optimiser steps.
         seed: seeds data order, augmentations and initialisation.
         devices: number of devices (``1`` = one CPU process or one GPU; >1 = DDP).
-        accelerator: ``auto``, ``cpu``, ``cuda``, ``mps``.
-        precision: ``32`` or ``bf16-mixed``.
+        accelerator: one of :data:`ACCELERATORS` (``auto``, ``cpu``, ``cuda``, ``gpu``, ``mps``).
+        precision: one of :data:`PRECISIONS` (``32``, ``bf16-mixed``, ...).
         num_nodes: nodes for multi-node DDP (torchrun / SLURM provide the rendezvous).
         log_every_n_steps: how often a row goes into metrics.csv and the progress line.
         drop_last: drop the last incomplete batch of an epoch.
@@ -167,6 +198,10 @@ class TrainConfig:
         channels_last: keep the method's 4-D (5-D in 3D) weights in channels-last memory format, so
             convolutions run NHWC (NDHWC): ~6 % faster ResNet-18 steps on this project's CPU, usually faster on
             tensor-core GPUs too (docs/benchmarks.md). The same math; exported weights are contiguous.
+
+    Every value is checked when the section is built (``__post_init__``): counts >= 1 (``batch_size``,
+    ``epochs``, ``max_steps``, ``devices``, ``num_nodes``, ``log_every_n_steps``), cadences >= 0 (0 = off),
+    ``seed`` in ``[0, MAX_SEED]``, ``accelerator`` and ``precision`` among their choices.
     """
 
     batch_size: int = 64
@@ -183,6 +218,19 @@ class TrainConfig:
     collapse_every_n_steps: int = 50
     visualize_every_n_steps: int = 200
     channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        check_range("batch_size", self.batch_size, ge=1)
+        check_range("epochs", self.epochs, ge=1)
+        check_range("max_steps", self.max_steps, ge=1, allow_none=True)
+        check_range("seed", self.seed, ge=0, le=MAX_SEED)
+        check_range("devices", self.devices, ge=1)
+        check_choice("accelerator", self.accelerator, ACCELERATORS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_range("num_nodes", self.num_nodes, ge=1)
+        check_range("log_every_n_steps", self.log_every_n_steps, ge=1)
+        check_range("collapse_every_n_steps", self.collapse_every_n_steps, ge=0)
+        check_range("visualize_every_n_steps", self.visualize_every_n_steps, ge=0)
 
 
 @dataclass
@@ -206,10 +254,8 @@ class CheckpointConfig:
     on_sigterm: bool = True
 
     def __post_init__(self) -> None:
-        if self.every_n_steps < 0:
-            raise ConfigError(f"checkpoint.every_n_steps must be >= 0 (0 = epoch ends only), got {self.every_n_steps}")
-        if self.keep_last_k < 1:
-            raise ConfigError(f"checkpoint.keep_last_k must be >= 1, got {self.keep_last_k}")
+        check_range("every_n_steps", self.every_n_steps, ge=0)
+        check_range("keep_last_k", self.keep_last_k, ge=1)
 
 
 @dataclass
@@ -418,8 +464,12 @@ def build_config(*layers: dict[str, Any]) -> PretrainConfig:
 
 
 def save_config(cfg: PretrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically (:func:`medssl.fileio.atomic_write`).
+
+    Raises:
+        StorageError: the disk refused the write (full, read-only); the previous file is unchanged.
+    """
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_config(path: str | Path) -> PretrainConfig:

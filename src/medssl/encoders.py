@@ -330,8 +330,8 @@ def _method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any, Pret
     cfg = _checkpoint_config(ckpt, path)
     from medssl.data.manifest import drop_bad
     from medssl.data.specs import open_from_config
-    from medssl.engine.trainer import pretrain_indices
-    from medssl.methods import DataInfo, get_method
+    from medssl.engine.loader import pretrain_indices
+    from medssl.methods import DataInfo, build_method
 
     ds = open_from_config(cfg.data, cache=False)
     if cfg.data.skip_bad:
@@ -339,7 +339,7 @@ def _method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any, Pret
     info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
                     image_size=int(cfg.data.image_size or ds.image_size),
                     num_samples=len(pretrain_indices(ds, cfg.data.split)))
-    method = get_method(cfg.method_name)(cfg, info)
+    method = build_method(cfg, info)
     try:
         method.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:

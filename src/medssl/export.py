@@ -19,7 +19,6 @@ written as two files, so the backbone file keeps loading strictly into plain tim
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch as st
 import torch
@@ -102,16 +101,3 @@ def _is_whitened(module: nn.Module) -> bool:
     from medssl.nn.whitening import WhitenedBackbone
 
     return isinstance(module, WhitenedBackbone)
-
-
-_MOVED_TO_ENCODERS = ("read_metadata", "load_encoder", "random_encoder", "imagenet_encoder", "WeightsUnavailable",
-                      "IMAGENET_WEIGHTS_ENV")
-
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to :mod:`medssl.encoders` (loading, baselines) stay importable from here."""
-    if name in _MOVED_TO_ENCODERS:
-        from medssl import encoders
-
-        return getattr(encoders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from medssl.losses import info_nce
 
 pytestmark = pytest.mark.ddp

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from medssl.losses.grouping_ap import grouping_ap_loss
 from tests.ddp.test_gather_infonce_ddp import _free_port
 
@@ -47,14 +47,13 @@ def _images() -> dict[int, torch.Tensor]:
 
 def _gravis():
     from medssl.config import build_config
-    from medssl.methods import DataInfo
-    from medssl.methods.gravis import GraVIS
+    from medssl.methods import DataInfo, build_method
 
     cfg = build_config({"method": {"name": "gravis", "num_views": 3, "proj_hidden": 16, "proj_dim": 8},
                         "model": {"backbone": "resnet18"}, "views": PLAIN_VIEWS})
     torch.manual_seed(0)
     # eval: BatchNorm uses running statistics, so a rank's forward does not depend on the other rank's images
-    return GraVIS(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=16, num_samples=32)).eval()
+    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=16, num_samples=32)).eval()
 
 
 def _grad_of(model: torch.nn.Module) -> torch.Tensor:

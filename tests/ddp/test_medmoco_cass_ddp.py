@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from tests.ddp.test_gather_infonce_ddp import _free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
@@ -35,7 +35,7 @@ def _images() -> torch.Tensor:
 
 def _method(name: str):
     from medssl.config import build_config
-    from medssl.methods import DataInfo, get_method
+    from medssl.methods import DataInfo, build_method
 
     if name == "medmoco":
         method_cfg = {"name": "medmoco", "local_weight": 0.0, "whitening": "zca", "whitening_group_size": 8,
@@ -45,7 +45,7 @@ def _method(name: str):
                       "embed_dim": 16}
     cfg = build_config({"method": method_cfg, "model": {"backbone": "resnet18"}, "views": PLAIN_VIEWS})
     torch.manual_seed(0)
-    method = get_method(name)(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=SIZE, num_samples=32))
+    method = build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=SIZE, num_samples=32))
     method.train()
     for m in method.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

@@ -21,7 +21,7 @@ def _run(tmp_path, name: str, channels_last: bool):
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     # the checkpoint keeps the strides the run trained with
-    conv = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["model"]["backbone.layer1.0.conv1.weight"]
+    conv = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["model"]["backbone.layer1.0.conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last != conv.is_contiguous()
     return st.load_file(str(run / "encoder.safetensors")), rows
 

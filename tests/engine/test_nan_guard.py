@@ -7,7 +7,7 @@ import torch
 
 from medssl.api import pretrain
 from medssl.engine.checkpoint import load_checkpoint
-from medssl.engine.trainer import MAX_BAD_STEPS
+from medssl.engine.guard import MAX_BAD_STEPS
 from medssl.errors import MedsslError
 from medssl.methods.mocov2 import MoCoV2
 

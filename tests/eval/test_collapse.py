@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.engine.trainer import _collapse_update
+from medssl.engine.metrics import _collapse_update
 from medssl.errors import DataError
 from medssl.eval.collapse import (
     collapse_columns,

@@ -121,12 +121,13 @@ def test_layer_decay_groups_vit_and_resnet() -> None:
 @pytest.mark.slow
 def test_finetune_beats_chance_on_phantom2d() -> None:
     # 4-way lesion margin, random-init resnet10t at 48 px: the linear probe on these features is near chance
-    # (~0.55 AUC, see docs/demo.md); fine-tuning has to learn the edge detail itself.
+    # (~0.55 AUC, see docs/demo.md); fine-tuning has to learn the edge detail itself. 8 epochs sat at the 0.6 line
+    # (0.583-0.597 here, machine-dependent); 12 epochs reach 0.87.
     from medssl.data.phantoms import PhantomDataset
 
     ds = PhantomDataset("phantom2d", n=300, image_size=48)
     task = ImageTask.from_dataset(ds, random_encoder("resnet10t", in_chans=1, image_size=48))
-    row = run_protocol(task, "finetune", [1.0], [0], epochs=8, lr=3e-3, n_boot=200)[0]
+    row = run_protocol(task, "finetune", [1.0], [0], epochs=12, lr=3e-3, n_boot=200)[0]
     assert row["metrics"]["auc_macro"] > 0.6, row["metrics"]
     lo, hi = row["ci"]["auc_macro"]
     assert lo <= row["metrics"]["auc_macro"] <= hi

@@ -16,7 +16,7 @@ from medssl.api import evaluate, make_config, pretrain
 from medssl.config import build_config
 from medssl.engine.checkpoint import load_checkpoint
 from medssl.errors import ConfigError
-from medssl.methods import DataInfo, get_method
+from medssl.methods import DataInfo, build_method
 from medssl.methods.cass import CASS, cass_loss
 
 SMALL = dict(data="phantom2d:64", image_size=32, batch_size=8, progress=False)
@@ -30,7 +30,7 @@ PLAIN_VIEWS = ["views.intensity_p=0", "views.blur_p=0", "views.flip_p=0", "views
 def _method(**method_kw) -> CASS:
     cfg = build_config({"method": {"name": "cass", **method_kw}, "model": {"backbone": "resnet18"}})
     torch.manual_seed(0)
-    return get_method("cass")(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=64))
+    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=64))
 
 
 def _rows(run):
@@ -102,15 +102,15 @@ def test_heads_logits_and_mlp():
 def test_config_errors():
     with pytest.raises(ConfigError, match="2D images only"):
         cfg = build_config({"method": "cass"})
-        get_method("cass")(cfg, DataInfo(in_chans=1, spatial_dims=3, image_size=32, num_samples=8))
+        build_method(cfg, DataInfo(in_chans=1, spatial_dims=3, image_size=32, num_samples=8))
     with pytest.raises(ConfigError, match="multiple of the patch size 16"):
         cfg = build_config({"method": "cass"})
-        get_method("cass")(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=28, num_samples=8))
+        build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=28, num_samples=8))
     with pytest.raises(ConfigError, match="vision transformer"):
         _method(vit_backbone="resnet18")
     with pytest.raises(ConfigError, match="must not be a transformer"):
         cfg = build_config({"method": "cass", "model": {"backbone": "vit_tiny_patch16_224"}})
-        get_method("cass")(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=8))
+        build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=8))
     with pytest.raises(ConfigError, match="method.head"):
         build_config({"method": {"name": "cass", "head": "proj"}})
     with pytest.raises(ConfigError, match="optim.sets.vit.lrr"):
@@ -192,7 +192,8 @@ def test_two_optimizers_and_schedules_survive_resume(tmp_path, monkeypatch):
         assert a["schedulers"][name]["last_epoch"] == b["schedulers"][name]["last_epoch"] == 8
     groups = {n: a["optimizers"][n]["param_groups"] for n in ("cnn", "vit")}
     assert {g["initial_lr"] for g in groups["cnn"]} == {1e-3} and {g["initial_lr"] for g in groups["vit"]} == {5e-4}
-    assert max(g["weight_decay"] for g in groups["vit"]) == 0.05 and max(g["weight_decay"] for g in groups["cnn"]) == 1e-4
+    assert max(g["weight_decay"] for g in groups["vit"]) == 0.05
+    assert max(g["weight_decay"] for g in groups["cnn"]) == 1e-4
 
     def factor(s):  # warm-up 2 steps then cosine to 0 over the remaining 6 (hand-written)
         return (s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))

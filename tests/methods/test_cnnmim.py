@@ -1,10 +1,8 @@
-"""Tests of the cnnmim method: no mask leakage through the sparse encoder (2D and 3D), sparse BatchNorm against
-a hand-written reference, the masked loss against a hand-written formula, forward/backward in 2D and 3D with
-every masking strategy, export into plain timm / ResNet-3D, and the CLI end to end."""
+"""Tests of the cnnmim method: no mask leakage through the sparse encoder (2D and 3D), forward/backward in 2D and
+3D with every masking strategy, export into plain timm / ResNet-3D, and the CLI end to end. (Sparse BatchNorm is
+tested in tests/nn/test_sparse.py, the masked loss in tests/losses/test_reconstruction.py.)"""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import safetensors.torch as st
@@ -14,24 +12,18 @@ from torch import nn
 
 from medssl.config import build_config
 from medssl.errors import ConfigError
-from medssl.methods import DataInfo
-from medssl.methods.cnnmim import (
-    CNNMIM,
-    SparseBatchNorm2d,
-    SparseBatchNorm3d,
-    masked_reconstruction_loss,
-    patchify_pixels,
-    unpatchify_pixels,
-)
+from medssl.methods import DataInfo, build_method
+from medssl.methods.cnnmim import CNNMIM
 from medssl.nn.backbones3d import build_backbone_3d
-from medssl.transforms.masking import MaskConfig, mask_grid, resize_mask, upsample_mask
+from medssl.nn.sparse import SparseBatchNorm2d
+from medssl.transforms.masking import resize_mask, upsample_mask
 
 
 def _method(sd: int = 2, size: int = 32, backbone: str | None = None, **method: object) -> CNNMIM:
     torch.manual_seed(0)
     bb = backbone or ("resnet18" if sd == 2 else "resnet10_3d")
     cfg = build_config({"method": {"name": "cnnmim", **method}, "model": {"backbone": bb}})
-    return CNNMIM(cfg, DataInfo(in_chans=1, spatial_dims=sd, image_size=size, num_samples=64))
+    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=sd, image_size=size, num_samples=64))
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -110,108 +102,6 @@ def test_dense_variant_leaks_into_masked_positions() -> None:
     assert type(method.backbone.bn1) is SparseBatchNorm2d and method.mask_state.mask is None
 
 
-@pytest.mark.parametrize("cls,ref_cls,shape", [(SparseBatchNorm2d, nn.BatchNorm2d, (4, 3, 6, 5)),
-                                              (SparseBatchNorm3d, nn.BatchNorm3d, (2, 3, 4, 5, 3))])
-def test_sparse_batch_norm_against_reference(cls: type, ref_cls: type, shape: tuple[int, ...]) -> None:
-    from medssl.methods.cnnmim import MaskState
-
-    torch.manual_seed(0)
-    x = torch.randn(shape) * 2 + 1
-    bn = cls(3, momentum=0.2)
-    nn.init.normal_(bn.weight)
-    nn.init.normal_(bn.bias)
-    state = MaskState()
-    bn.mask_state = state
-    ref = ref_cls(3, momentum=0.2)
-    ref.load_state_dict(bn.state_dict())
-    # No mask: exactly the plain BatchNorm, train and eval.
-    torch.testing.assert_close(bn(x), ref(x))
-    torch.testing.assert_close(bn.running_var, ref.running_var)
-    # A mask: statistics over the visible positions only, written out by hand.
-    mask = torch.rand(shape[0], 1, *shape[2:], generator=_gen(3)) < 0.4
-    before_mean, before_var = bn.running_mean.clone(), bn.running_var.clone()
-    with state.active(mask):
-        y = bn(x)
-    vis = (~mask).expand_as(x)
-    for c in range(3):
-        vals = x[:, c][vis[:, c]]
-        mean, var = vals.mean(), vals.var(unbiased=False)
-        expected = (x[:, c] - mean) / torch.sqrt(var + bn.eps) * bn.weight[c] + bn.bias[c]
-        torch.testing.assert_close(y[:, c][vis[:, c]], expected[vis[:, c]], rtol=1e-4, atol=1e-5)
-        assert (y[:, c][~vis[:, c]] == 0).all()
-        torch.testing.assert_close(bn.running_mean[c], 0.8 * before_mean[c] + 0.2 * mean, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bn.running_var[c], 0.8 * before_var[c] + 0.2 * vals.var(unbiased=True),
-                                   rtol=1e-5, atol=1e-6)
-    # Eval mode under a mask: running statistics, masked positions zero.
-    bn.eval()
-    with state.active(mask):
-        y = bn(x)
-    expected = (x - bn.running_mean.view(1, -1, *[1] * (x.ndim - 2))) / torch.sqrt(
-        bn.running_var.view(1, -1, *[1] * (x.ndim - 2)) + bn.eps)
-    expected = expected * bn.weight.view(1, -1, *[1] * (x.ndim - 2)) + bn.bias.view(1, -1, *[1] * (x.ndim - 2))
-    torch.testing.assert_close(y, expected * (~mask), rtol=1e-4, atol=1e-5)
-
-
-def _loss_by_hand(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool) -> float:
-    """Loop over samples and masked units: mean over units of the per-unit MSE."""
-    sd = mask.ndim - 1
-    total, count = 0.0, 0
-    for b in range(mask.shape[0]):
-        for unit in itertools.product(*(range(g) for g in mask.shape[1:])):
-            if not mask[(b, *unit)]:
-                continue
-            region = (b, slice(None), *(slice(u * p, (u + 1) * p) for u in unit))
-            t = target[region].double()
-            if norm_pix:
-                n = t.numel()
-                mu = t.sum() / n
-                var = ((t - mu) ** 2).sum() / (n - 1)
-                t = (t - mu) / (var + 1e-6) ** 0.5
-            total += float(((pred[region].double() - t) ** 2).mean())
-            count += 1
-    assert sd in (2, 3) and count > 0
-    return total / count
-
-
-@pytest.mark.parametrize("sd,shape,p", [(2, (3, 2, 8, 12), 4), (3, (2, 1, 4, 8, 4), 2)])
-@pytest.mark.parametrize("norm_pix", [True, False])
-def test_loss_matches_hand_written_formula(sd: int, shape: tuple[int, ...], p: int, norm_pix: bool) -> None:
-    torch.manual_seed(0)
-    pred, target = torch.randn(shape), torch.randn(shape)
-    grid = tuple(s // p for s in shape[2:])
-    mask = mask_grid(MaskConfig(ratio=0.5), shape[0], grid, generator=_gen(2))
-    loss = masked_reconstruction_loss(pred, target, mask, (p,) * sd, norm_pix=norm_pix)
-    assert float(loss) == pytest.approx(_loss_by_hand(pred, target, mask, p, norm_pix), rel=1e-5)
-
-
-def test_loss_ignores_visible_positions() -> None:
-    torch.manual_seed(0)
-    pred, target = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
-    mask = mask_grid(MaskConfig(ratio=0.5), 2, (4, 4), generator=_gen(4))
-    pix = upsample_mask(mask, 4)
-    base = masked_reconstruction_loss(pred, target, mask, (4, 4))
-    changed_visible = torch.where(pix, pred, pred + 10 * torch.randn_like(pred))
-    assert torch.equal(masked_reconstruction_loss(changed_visible, target, mask, (4, 4)), base)
-    changed_masked = torch.where(pix, pred + 1.0, pred)
-    assert masked_reconstruction_loss(changed_masked, target, mask, (4, 4)) != base
-    # gradient only at masked pixels
-    pred.requires_grad_()
-    masked_reconstruction_loss(pred, target, mask, (4, 4)).backward()
-    assert (pred.grad[~pix] == 0).all() and (pred.grad[pix] != 0).any()
-
-
-@pytest.mark.parametrize("shape,p", [((2, 3, 8, 12), (4, 2)), ((2, 2, 4, 6, 8), (2, 3, 4))])
-def test_patchify_against_loop_and_roundtrip(shape: tuple[int, ...], p: tuple[int, ...]) -> None:
-    x = torch.randn(shape)
-    patches = patchify_pixels(x, p)
-    grid = [s // q for s, q in zip(shape[2:], p, strict=True)]
-    assert patches.shape == (shape[0], *grid, shape[1] * torch.Size(p).numel())
-    for unit in itertools.product(*(range(g) for g in grid)):
-        region = (0, slice(None), *(slice(u * q, (u + 1) * q) for u, q in zip(unit, p, strict=True)))
-        assert torch.equal(patches[(0, *unit)], x[region].reshape(-1))
-    assert torch.equal(unpatchify_pixels(patches, p, shape[1]), x)
-
-
 @pytest.mark.parametrize(
     "sd,strategy,kwargs",
     [(2, "random", {}), (2, "block", {"input_fill": "token"}), (2, "center", {"densify": False}),
@@ -279,7 +169,8 @@ def test_exported_backbone_is_plain_resnet3d(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "sd,kwargs,match",
-    [(2, {"mask_strategy": "tube"}, "3D"), (2, {"mask_patch_size": 5}, "divisible"), (2, {"mask_ratio": 0.0}, "mask_ratio"),
+    [(2, {"mask_strategy": "tube"}, "3D"), (2, {"mask_patch_size": 5}, "divisible"),
+     (2, {"mask_ratio": 0.0}, "mask_ratio"),
      (2, {"input_fill": "noise"}, "input_fill"), (2, {"decoder_channels": [8, 8]}, "decoder_channels"),
      (2, {"augment": "heavy"}, "augment")],
 )
@@ -300,7 +191,8 @@ def test_recipes_build(recipe: str, sd: int) -> None:
 
     cfg = make_config(config=recipe)
     assert cfg.method["name"] == "cnnmim" and cfg.optim.name == "adamw"
-    method = CNNMIM(cfg, DataInfo(in_chans=1, spatial_dims=sd, image_size=int(cfg.data.image_size), num_samples=100))
+    method = build_method(cfg, DataInfo(in_chans=1, spatial_dims=sd, image_size=int(cfg.data.image_size),
+                                        num_samples=100))
     assert method.spatial_dims == sd and method.hparams.mask_strategy == "random"
     assert all(g >= 4 for g in method.grid)
 

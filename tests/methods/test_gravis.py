@@ -16,7 +16,7 @@ from medssl.cli import main
 from medssl.config import build_config
 from medssl.errors import ConfigError
 from medssl.losses.grouping_ap import grouping_ap_loss
-from medssl.methods import DataInfo, get_method
+from medssl.methods import DataInfo, build_method, get_method
 from medssl.methods.gravis import GraVIS
 from medssl.transforms.intensity import normalize
 
@@ -31,7 +31,7 @@ def _method(spatial_dims: int = 2, size: int = 16, views: dict | None = None, **
         "views": views or {},
     })
     torch.manual_seed(0)
-    return GraVIS(cfg, DataInfo(in_chans=1, spatial_dims=spatial_dims, image_size=size, num_samples=100))
+    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=spatial_dims, image_size=size, num_samples=100))
 
 
 def _images(b: int, size: int = 16, spatial_dims: int = 2) -> torch.Tensor:
@@ -39,11 +39,14 @@ def _images(b: int, size: int = 16, spatial_dims: int = 2) -> torch.Tensor:
     return torch.rand(b, 1, *([size] * spatial_dims), generator=g)
 
 
-def test_registered_and_view_spec_reports_num_views():
+def test_registered_and_makes_num_views_views_per_image():
+    # (ViewSpec.num_views, which nothing read, is gone: the step itself makes K views per image)
     assert get_method("gravis") is GraVIS
     for k in (2, 3, 4):
-        assert _method(num_views=k).view_spec.num_views == k
-    assert GraVIS.view_spec.num_views == 4  # the default, before construction
+        method = _method(num_views=k)
+        assert method.hparams.num_views == k
+        assert method.make_views(_images(3)).shape == (3 * k, 1, 16, 16)
+    assert GraVIS.config_cls().num_views == 4  # the default, before construction
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ from medssl.data.folder import FolderDataset
 from medssl.data.highres import HighResDataset, highres_key
 from medssl.data.manifest import drop_bad
 from medssl.data.phantoms import PhantomDataset, render_phantom2d
-from medssl.engine.trainer import _collate_images
+from medssl.engine.loader import _collate_images
 from medssl.errors import ConfigError, DataError
 from medssl.losses.reconstruction import reconstruction_loss
-from medssl.methods import DataInfo, get_method
+from medssl.methods import DataInfo, build_method
 from medssl.methods.mae import MAE
 from medssl.methods.miram import MIRAM
 from medssl.transforms.masking import upsample_mask
@@ -33,7 +33,7 @@ NO_AUG = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "views.fli
 def _method(name: str, size: int, sd: int = 2, overrides: tuple[str, ...] = ()) -> MAE:
     cfg = make_config(method=name, data="phantom2d" if sd == 2 else "phantom3d", image_size=size,
                       overrides=[*SMALL_DECODER, *overrides])
-    return get_method(name)(cfg, DataInfo(in_chans=1, spatial_dims=sd, image_size=size, num_samples=64))
+    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=sd, image_size=size, num_samples=64))
 
 
 def _batch(dataset, factors=(2,), n=4):
@@ -61,7 +61,7 @@ def test_mae_step_trains_encoder_and_decoder(sd, size):
 def test_mae_rejects_a_cnn_backbone():
     cfg = make_config(method="mae", data="phantom2d", image_size=32, backbone="resnet50")
     with pytest.raises(ConfigError, match="ViT"):
-        MAE(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=8))
+        build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=8))
 
 
 def test_mae_loss_equals_reconstruction_loss_of_its_pieces():

@@ -15,7 +15,7 @@ from medssl.config import build_config
 from medssl.encoders import load_encoder
 from medssl.errors import ConfigError
 from medssl.export import export_encoders
-from medssl.methods import DataInfo, get_method, method_table
+from medssl.methods import DataInfo, build_method, get_method, method_table
 from medssl.methods.medmoco import MedMoCo
 from medssl.methods.mocov2 import MoCoV2
 from medssl.nn.backbones import Encoder
@@ -33,7 +33,9 @@ def _info(size: int = 16, sd: int = 2) -> DataInfo:
 
 def _build(cls, cfg, info, seed: int = 0):
     torch.manual_seed(seed)
-    return cls(cfg, info)
+    method = build_method(cfg, info)
+    assert type(method) is cls
+    return method
 
 
 def _step(model, images, seed: int = 1):
@@ -130,7 +132,7 @@ def test_3d_volumes():
 
 def test_a_vit_backbone_with_the_local_term_is_a_config_error():
     with pytest.raises(ConfigError, match="local_weight"):
-        MedMoCo(_cfg(backbone="vit_tiny_patch16_224", stem="default", size=32), _info(32))
+        build_method(_cfg(backbone="vit_tiny_patch16_224", stem="default", size=32), _info(32))
 
 
 def test_cpu_recipe_keeps_a_feature_map_with_distinct_regions():
@@ -163,7 +165,8 @@ def test_cli_pretrain_logs_rank_columns_and_collapse_protocol(tmp_path):
     assert 1.0 <= float(rows[-1]["backbone_eff_rank"]) <= 32.0  # ... step 12, the last, is
     assert {"loss_global", "loss_local"} <= set(header)
     out = tmp_path / "collapse"
-    assert main(["evaluate", "--run", str(run), "--data", "phantom2d", "--protocol", "collapse", "--out", str(out)]) == 0
+    assert main(["evaluate", "--run", str(run), "--data", "phantom2d", "--protocol", "collapse",
+                 "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     names = [r["encoder"] for r in data["rows"]]
     assert names == ["medmoco", "medmoco (before whitening)"]

@@ -86,7 +86,8 @@ def test_single_level_encoder() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"encoder_channels": [4, 8], "spatial_dims": 2, "out_channels": 1, "decoder_channels": [4, 4]}, "one per skip"),
+        ({"encoder_channels": [4, 8], "spatial_dims": 2, "out_channels": 1, "decoder_channels": [4, 4]},
+         "one per skip"),
         ({"encoder_channels": [], "spatial_dims": 2, "out_channels": 1}, "positive"),
         ({"encoder_channels": [4, 8], "spatial_dims": 4, "out_channels": 1}, "spatial_dims"),
         ({"encoder_channels": [4, 8], "spatial_dims": 2, "out_channels": 1, "norm": "group"}, "norm"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -15,8 +16,7 @@ from medssl.api import make_config
 from medssl.encoders import load_encoder
 from medssl.errors import ConfigError
 from medssl.export import export_encoders
-from medssl.methods import DataInfo
-from medssl.methods.mae import MAE
+from medssl.methods import DataInfo, build_method
 from medssl.nn.attention import NystromAttention, iterative_pinv, transformer_block
 from medssl.nn.masked_vit import (
     MaskedViT,
@@ -77,6 +77,21 @@ def test_unpatchify_inverts_patchify(shape, patch, sd):
 def test_patchify_rejects_indivisible_size():
     with pytest.raises(ValueError, match="not divisible"):
         patchify(torch.zeros(1, 1, 10, 10), 4, 2)
+
+
+# -- per-axis patch sizes (moved from tests/methods/test_cnnmim.py, where cnnmim had its own patchify) -----------
+@pytest.mark.parametrize("shape,p", [((2, 3, 8, 12), (4, 2)), ((2, 2, 4, 6, 8), (2, 3, 4))])
+def test_patchify_per_axis_patch_against_loop_and_roundtrip(shape: tuple[int, ...], p: tuple[int, ...]) -> None:
+    sd = len(p)
+    x = torch.randn(shape)
+    patches = patchify(x, p, sd)
+    grid = [s // q for s, q in zip(shape[2:], p, strict=True)]
+    assert patches.shape == (shape[0], math.prod(grid), shape[1] * math.prod(p))
+    for k, unit in enumerate(itertools.product(*(range(g) for g in grid))):  # row-major grid order
+        region = (0, slice(None), *(slice(u * q, (u + 1) * q) for u, q in zip(unit, p, strict=True)))
+        expected = x[region].permute(*range(1, sd + 1), 0).reshape(-1)  # (*patch, C), channels last
+        assert torch.equal(patches[0, k], expected)
+    assert torch.equal(unpatchify(patches, p, grid, shape[1]), x)
 
 
 # -- position embeddings, token interpolation -------------------------------------------------------------------
@@ -268,7 +283,7 @@ def test_transformer_block_rejects_unknown_attention():
 def test_exported_2d_encoder_loads_strictly_into_fresh_timm_vit(tmp_path):
     cfg = make_config(method="mae", data="phantom2d", image_size=32,
                       overrides=["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"])
-    method = MAE(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=16))
+    method = build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=16))
     assert cfg.model.backbone == "vit_tiny_patch16_224" and cfg.model.patch_size == 4
     assert cfg.model.global_pool == "avg"
     with torch.no_grad():

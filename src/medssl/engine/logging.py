@@ -9,12 +9,16 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from medssl.errors import StorageError
+from medssl.fileio import describe_os_error
+
 
 class MetricsCSV:
     """Append rows to ``metrics.csv``; the header grows when a new column appears.
 
     On resume the file is truncated to rows with ``step <= resume_step`` so the log has no duplicated or
-    orphaned steps.
+    orphaned steps. A disk that refuses a write (full, read-only) is a :class:`~medssl.errors.StorageError`
+    naming the file.
     """
 
     BASE = ("step", "epoch", "loss", "lr", "images_per_s")
@@ -34,11 +38,15 @@ class MetricsCSV:
 
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
-        tmp.replace(self.path)
+        try:
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(self.rows)
+            tmp.replace(self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {self.path}: {describe_os_error(e)}") from None
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row (values formatted compactly)."""
@@ -49,8 +57,11 @@ class MetricsCSV:
             self.columns += new
             self._rewrite()
             return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+        try:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {describe_os_error(e)}") from None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -65,7 +76,8 @@ def _fmt_eta(seconds: float) -> str:
 class Progress:
     """Progress of a run: loss, lr, img/s, ETA. A live bar on a TTY, one plain line per log step otherwise."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
         self.total = total_steps
         self.enabled = enabled
         self.stream = stream or sys.stdout
@@ -95,7 +107,8 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         else:
-            print(f"step {step}/{self.total}  epoch {epoch}  {info}  eta {_fmt_eta(eta)}", file=self.stream, flush=True)
+            print(f"step {step}/{self.total}  epoch {epoch}  {info}  eta {_fmt_eta(eta)}", file=self.stream,
+                  flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,6 +1,6 @@
 """Reconstruction figures of masked image modelling runs: a PNG grid, rows = samples.
 
-Any method can return :class:`~medssl.methods.base.VisualPanel` objects from
+Any method can return :class:`~medssl.visual.VisualPanel` objects from
 :meth:`~medssl.methods.base.Method.visualize`; the trainer passes them to :func:`save_reconstruction_grid`,
 which lays the panels side by side (per scale: input, mask, reconstruction, target), one row per sample,
 and shows 3D volumes by their middle depth slice. Drawn with matplotlib's Agg canvas (no display, no
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medssl.methods.base import VisualPanel
+from medssl.visual import VisualPanel
 
 __all__ = ["VisualPanel", "middle_slice", "panel_image", "save_reconstruction_grid"]
 

@@ -41,14 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 
 SIMILARITIES = ("cosine", "dot")
 
 __all__ = ["SIMILARITIES", "GroupingAPLoss", "grouping_ap_loss"]
 
 
-def _gather_rows(x: torch.Tensor, n_max: int, sizes: list[int], *, with_grad: bool, pad_value: float = 0.0) -> torch.Tensor:
+def _gather_rows(x: torch.Tensor, n_max: int, sizes: list[int], *, with_grad: bool,
+                 pad_value: float = 0.0) -> torch.Tensor:
     """All-gather ``x`` (rows may differ between ranks) by padding to ``n_max`` rows; drop the padding after."""
     pad = n_max - x.shape[0]
     if pad:

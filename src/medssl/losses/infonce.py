@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 
 
 def info_nce(

@@ -134,7 +134,8 @@ def roi_pool(fmap: torch.Tensor, boxes: torch.Tensor, output_size: int = 2, samp
     sd = fmap.ndim - 2
     b, c = fmap.shape[:2]
     if boxes.ndim != 3 or boxes.shape[0] != b or boxes.shape[2] != 2 * sd:
-        raise ValueError(f"boxes must be ({b}, R, {2 * sd}) for feature maps {tuple(fmap.shape)}, got {tuple(boxes.shape)}")
+        raise ValueError(f"boxes must be ({b}, R, {2 * sd}) for feature maps {tuple(fmap.shape)}, "
+                         f"got {tuple(boxes.shape)}")
     r = boxes.shape[1]
     if r == 0 or b == 0:
         return fmap.new_zeros(b, r, c)
@@ -255,7 +256,8 @@ class LocalInfoNCE(nn.Module):
         """
         sd = fmap1.ndim - 2
         if fmap2.ndim != fmap1.ndim or fmap1.shape[:2] != fmap2.shape[:2] or sd not in (2, 3):
-            raise ValueError(f"feature maps must be (B, C, *spatial) alike, got {tuple(fmap1.shape)}, {tuple(fmap2.shape)}")
+            raise ValueError(f"feature maps must be (B, C, *spatial) alike, got {tuple(fmap1.shape)}, "
+                             f"{tuple(fmap2.shape)}")
         boxes1 = boxes1.to(fmap1.device, torch.float32)
         boxes2 = boxes2.to(fmap1.device, torch.float32)
         overlap, valid = crop_overlap(boxes1, boxes2)

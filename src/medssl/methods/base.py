@@ -1,20 +1,37 @@
 """The method contract: a method is a small ``nn.Module`` that computes its own loss.
 
-The trainer knows nothing method-specific. A method declares what its data must provide
-(:class:`ViewSpec`), turns a batch into a loss (:meth:`Method.training_step`), updates its own state after
-each optimiser step (EMA, queues: :meth:`Method.after_optimizer_step`) and says what gets exported and
-evaluated (:meth:`Method.encoders`).
+The trainer knows nothing method-specific. A method declares its hyper-parameters (a dataclass,
+``config_cls``), what its data must provide (:class:`ViewSpec`), turns a batch into a loss
+(:meth:`Method.training_step`), updates its own state after each optimiser step (EMA, queues:
+:meth:`Method.after_optimizer_step`) and says what gets exported and evaluated (:meth:`Method.encoders`).
+
+A method sees only what it needs: its typed hyper-parameters, the ``model:`` and ``views:`` sections and a
+:class:`DataInfo` — never the whole run configuration. Settings it derives from the data are filled into
+the run configuration by :meth:`Method.resolve_defaults` *before* construction, so that ``config.yaml``
+records them; :func:`medssl.methods.registry.build_method` does both.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import nn
 
-from medssl.nn.backbones import build_backbone
+from medssl.config import ModelConfig, build_dataclass
+from medssl.errors import ConfigError
+from medssl.nn.backbones import build_backbone, check_image_fits
+from medssl.transforms.masking import MaskConfig, num_masked
+from medssl.visual import VisualPanel
+
+if TYPE_CHECKING:
+    from medssl.config import PretrainConfig
+
+__all__ = ["BackboneMethod", "DataInfo", "Method", "MethodConfig", "StepOutput", "ViewSpec", "VisualPanel",
+           "check_mask_units"]
 
 
 @dataclass(frozen=True)
@@ -29,21 +46,17 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What a method needs from the data pipeline.
+    """What a method needs from the data pipeline beyond the images (views are made inside the step).
 
     Attributes:
-        num_views: augmented views made per image (inside the step, as batched tensor ops).
         needs_highres: whether the batch must carry higher-resolution copies of the image, read from the
             source at ``factor x`` the image size (multi-scale reconstruction, MIRAM): batch key
             ``image_highres`` for 2x, ``image_highres_x<factor>`` for other factors
             (:func:`medssl.data.highres.highres_key`).
-        needs_masks: whether the batch carries mask-generator output.
         highres_factors: the factors of the high-resolution copies when ``needs_highres``.
     """
 
-    num_views: int = 2
     needs_highres: bool = False
-    needs_masks: bool = False
     highres_factors: tuple[int, ...] = (2,)
 
 
@@ -66,38 +79,34 @@ class StepOutput:
 
 
 @dataclass
-class VisualPanel:
-    """One scale of a reconstruction figure (see :meth:`Method.visualize`).
-
-    Attributes:
-        scale: label of the scale, e.g. ``"1x"``, ``"2x"``.
-        columns: column name -> ``(N, C, *spatial)`` tensor, one row per sample, in display range ``[0, 1]``
-            (values outside are clipped; bool masks are fine). Usual columns: ``input`` (what the encoder
-            saw, masked), ``mask``, ``reconstruction``, ``target``. 3D volumes are shown by their middle
-            depth slice; ``C == 3`` is shown as RGB, otherwise the first channel in grey.
-    """
-
-    scale: str
-    columns: dict[str, torch.Tensor]
-
-
-@dataclass
 class MethodConfig:
-    """Hyper-parameters every method has; subclasses add their own fields."""
+    """Hyper-parameters every method has; subclasses add their own fields and check them in ``__post_init__``
+    (with :func:`medssl.checks.check_range` / :func:`~medssl.checks.check_choice`)."""
 
     name: str = ""
 
 
-class Method(nn.Module):
-    """Base class of SSL methods. Subclasses set the class attributes and implement ``training_step``.
+C = TypeVar("C", bound=MethodConfig)
+
+
+class Method(nn.Module, Generic[C]):
+    """Base class of SSL methods, generic over its hyper-parameter dataclass ``C``.
+
+    Subclasses set the class attributes, build themselves in ``__init__(hparams, model, views, data)``
+    (calling ``super().__init__(hparams)``) and implement :meth:`training_step` and :meth:`encoders`.
 
     Class attributes:
         name: registry name.
         description: one line for ``medssl methods``.
-        config_cls: dataclass of the method's hyper-parameters (the ``method:`` section of a recipe).
+        config_cls: dataclass of the method's hyper-parameters (the ``method:`` section of a recipe), ``C``.
         default_lr: peak learning rate when the recipe gives none, for ``default_optimizer``.
         default_optimizer: ``sgd`` or ``adamw``.
         paper: citation.
+        supported_spatial_dims: the image dimensionalities the method trains on (2D images, 3D volumes).
+        view_spec: what the data pipeline must provide (see :meth:`view_spec_for`).
+
+    Attributes:
+        hparams: the method's validated hyper-parameters (a ``config_cls`` instance).
     """
 
     name: ClassVar[str] = ""
@@ -106,10 +115,42 @@ class Method(nn.Module):
     default_lr: ClassVar[float] = 0.03
     default_optimizer: ClassVar[str] = "sgd"
     paper: ClassVar[str] = ""
-    view_spec: ViewSpec = ViewSpec()
+    supported_spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    view_spec: ClassVar[ViewSpec] = ViewSpec()
+
+    def __init__(self, hparams: C | None = None) -> None:
+        """Args:
+            hparams: the hyper-parameters; ``None`` = the defaults of ``config_cls``.
+
+        Raises:
+            TypeError: ``hparams`` is not a ``config_cls`` (e.g. a whole run config: build methods with
+                :func:`~medssl.methods.registry.build_method`).
+        """
+        if hparams is not None and not isinstance(hparams, self.config_cls):
+            raise TypeError(f"{type(self).__name__} takes its {self.config_cls.__name__}, got "
+                            f"{type(hparams).__name__}; build methods with medssl.methods.build_method(cfg, data_info)")
+        super().__init__()
+        self.hparams: C = hparams if hparams is not None else cast(C, self.config_cls())
 
     @classmethod
-    def view_spec_for(cls, method_cfg: dict[str, Any]) -> ViewSpec:
+    def parse_hparams(cls, section: Mapping[str, Any]) -> C:
+        """The typed hyper-parameters of a recipe's ``method:`` section: keys, types and values checked
+        (the dataclass's ``__post_init__``), errors naming ``method.<key>``.
+
+        Raises:
+            ConfigError: an unknown key, a wrong type or an out-of-range value.
+        """
+        return cast(C, build_dataclass(cls.config_cls, dict(section), where="method"))
+
+    @classmethod
+    def resolve_defaults(cls, cfg: PretrainConfig, data: DataInfo) -> None:
+        """Fill in, in ``cfg``, the settings this method derives from the data, so that the run's ``config.yaml``
+        records what was built (e.g. MAE's ViT by spatial dims, its patch size and pooling). Called by
+        :func:`~medssl.methods.registry.build_method` before construction; must be idempotent (a resolved
+        config resolves to itself). Default: nothing."""
+
+    @classmethod
+    def view_spec_for(cls, method_cfg: Mapping[str, Any]) -> ViewSpec:
         """The view spec of this method with the given ``method:`` section (the trainer asks before it builds
         the data loader). Default: the class's ``view_spec``; methods whose data needs depend on their
         hyper-parameters (MIRAM's scales) override it."""
@@ -151,20 +192,25 @@ class Method(nn.Module):
         return None
 
 
-class BackboneMethod(Method):
+class BackboneMethod(Method[C]):
     """A method that trains and exports one CNN backbone, ``self.backbone`` (MoCo v2, Med-MoCo, GraVIS, cnnmim).
 
     :meth:`build_backbone` builds it from the ``model:`` section and records what rebuilding it needs;
     :meth:`encoders` and :meth:`export_meta` then serve every such method.
     """
 
-    def build_backbone(self, cfg: Any, data: DataInfo) -> nn.Module:
-        """Build ``self.backbone`` (timm 2D, medssl 3D) for ``data`` and remember its rebuild settings."""
-        self.backbone = build_backbone(cfg.model.backbone, in_chans=data.in_chans, image_size=data.image_size,
-                                       stem=cfg.model.stem, pretrained=cfg.model.pretrained,
-                                       spatial_dims=data.spatial_dims)
-        self.backbone_name = cfg.model.backbone
-        self.stem = cfg.model.stem
+    def build_backbone(self, model: ModelConfig, data: DataInfo) -> nn.Module:
+        """Build ``self.backbone`` (timm 2D, medssl 3D) for ``data`` and remember its rebuild settings.
+
+        Raises:
+            ConfigError: an unknown backbone, or an image size it cannot use
+                (:func:`medssl.nn.backbones.check_image_fits`).
+        """
+        self.backbone = build_backbone(model.backbone, in_chans=data.in_chans, image_size=data.image_size,
+                                       stem=model.stem, pretrained=model.pretrained, spatial_dims=data.spatial_dims)
+        check_image_fits(self.backbone, model.backbone, data.image_size)
+        self.backbone_name = model.backbone
+        self.stem = model.stem
         self.in_chans = data.in_chans
         self.image_size = data.image_size
         self.spatial_dims = data.spatial_dims
@@ -184,3 +230,37 @@ class BackboneMethod(Method):
                 "spatial_dims": str(self.spatial_dims),
             }
         }
+
+
+def check_mask_units(mask: MaskConfig, grid: Sequence[int], *, values_per_unit: int, norm_pix: bool,
+                     sizes: str) -> None:
+    """Refuse masked-image-modelling settings that cannot train on this data (they would train to NaN or to
+    nothing), before anything trains.
+
+    * the mask must hide at least one unit of the grid when ``method.mask_ratio > 0`` (a grid of one unit,
+      e.g. a patch as large as the image, masks nothing) and leave at least one visible;
+    * norm-pix targets normalise every unit by its own mean and (unbiased) variance, which needs at least two
+      values per unit: a one-pixel unit of a grey image has a variance of ``0 / 0`` and trains to NaN.
+
+    Args:
+        mask: strategy and ratio (a ``tube`` strategy on a 2D grid is refused here too).
+        grid: the unit grid of the image.
+        values_per_unit: pixels (voxels) x channels of one unit.
+        norm_pix: whether the targets are normalised per unit.
+        sizes: the keys and values that set the unit size, for the message (e.g.
+            ``"data.image_size 8, model.patch_size 8"``).
+
+    Raises:
+        ConfigError: naming ``method.mask_ratio`` / ``method.norm_pix_loss`` and the size keys.
+    """
+    total, masked = math.prod(grid), num_masked(mask, grid)
+    if mask.ratio > 0 and not 0 < masked < total:
+        raise ConfigError(
+            f"method.mask_ratio {mask.ratio:g} masks {masked} of the {total} unit(s) of the {tuple(grid)} mask grid "
+            f"({sizes}); at least one must be masked and one visible: use smaller units or another mask ratio"
+        )
+    if norm_pix and values_per_unit < 2:
+        raise ConfigError(
+            f"method.norm_pix_loss normalises every unit by its own variance, which needs at least 2 values per "
+            f"unit, but a unit holds {values_per_unit} ({sizes}); use larger units or method.norm_pix_loss=false"
+        )

@@ -31,36 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medssl.checks import check_choice, check_range
+from medssl.config import ModelConfig
 from medssl.errors import ConfigError
-from medssl.methods import register
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec
-from medssl.nn.backbones import build_backbone, feature_dim, is_vit
+from medssl.losses.cosine import cass_loss
+from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput
+from medssl.methods.registry import register
+from medssl.nn.backbones import build_backbone, check_image_fits, feature_dim, is_vit
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
-from medssl.transforms.views import ViewSampler
+from medssl.transforms.views import ViewConfig, ViewSampler
 
 HEADS = ("logits", "mlp")
-
-
-def cass_loss(f_cnn: torch.Tensor, f_vit: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """CASS loss ``mean_i (2 − 2 · cos(f_cnn[i], f_vit[i]))`` (Singh et al. 2022, Eq. 1).
-
-    Equal to the mean squared distance of the L2-normalised embeddings. Symmetric: the gradient reaches both
-    inputs (no stop-gradient). Computed in float32 even under bf16 autocast.
-
-    Args:
-        f_cnn: (N, D) embeddings of the CNN.
-        f_vit: (N, D) embeddings of the ViT, row-aligned with ``f_cnn`` (same images).
-        eps: guards the normalisation of a zero vector.
-
-    Returns:
-        A scalar tensor in ``[0, 4]``.
-    """
-    if f_cnn.shape != f_vit.shape or f_cnn.dim() != 2:
-        raise ValueError(f"f_cnn and f_vit must both be (N, D); got {tuple(f_cnn.shape)} and {tuple(f_vit.shape)}")
-    a = F.normalize(f_cnn.float(), dim=1, eps=eps)
-    b = F.normalize(f_vit.float(), dim=1, eps=eps)
-    return (2.0 - 2.0 * (a * b).sum(dim=1)).mean()
 
 
 @dataclass
@@ -85,22 +67,18 @@ class CASSConfig(MethodConfig):
     mlp_hidden: int = 2048
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ConfigError(f"method.head must be one of {HEADS}, got '{self.head}'")
-        if self.embed_dim < 0 or self.mlp_hidden < 1:
-            raise ConfigError(f"method.embed_dim must be >= 0 and method.mlp_hidden >= 1, got "
-                              f"{self.embed_dim} and {self.mlp_hidden}")
+        """Validate the values (recipes and ``--set`` overrides end up here).
 
-
-def _patch_size(model: nn.Module) -> int | None:
-    ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if ps is None:
-        return None
-    return int(ps[0]) if isinstance(ps, tuple | list) else int(ps)
+        Raises:
+            FieldError: naming the first invalid field.
+        """
+        check_choice("head", self.head, HEADS)
+        check_range("embed_dim", self.embed_dim, ge=0)
+        check_range("mlp_hidden", self.mlp_hidden, ge=1)
 
 
 @register
-class CASS(Method):
+class CASS(Method[CASSConfig]):
     """CASS: a CNN and a ViT, each the other's target, trained with their own optimisers."""
 
     name = "cass"
@@ -109,18 +87,17 @@ class CASS(Method):
     default_lr = 1e-3
     default_optimizer = "adamw"
     paper = "Singh et al., CASS: Cross Architectural Self-Supervision for Medical Image Analysis, arXiv 2206.04170"
-    view_spec = ViewSpec(num_views=1)
+    supported_spatial_dims = (2,)
 
-    def __init__(self, cfg: Any, data: DataInfo) -> None:
-        super().__init__()
-        m = CASSConfig(**cfg.method)
-        self.hparams = m
-        if data.spatial_dims != 2:
+    def __init__(self, hparams: CASSConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
+        super().__init__(hparams)
+        m = self.hparams
+        if data.spatial_dims not in self.supported_spatial_dims:
             raise ConfigError(
                 f"cass supports 2D images only (its ViT is a 2D timm model); the data has spatial_dims="
                 f"{data.spatial_dims}. Use a 2D dataset, or a 3D method such as mocov2 with a 3D backbone"
             )
-        cnn_name, vit_name = cfg.model.backbone, m.vit_backbone
+        cnn_name, vit_name = model.backbone, m.vit_backbone
         if is_vit(cnn_name):
             raise ConfigError(f"cass: model.backbone is the CNN and must not be a transformer, got '{cnn_name}' "
                               "(the transformer is method.vit_backbone)")
@@ -128,17 +105,11 @@ class CASS(Method):
             raise ConfigError(f"cass: method.vit_backbone must be a timm vision transformer (e.g. "
                               f"vit_tiny_patch16_224), got '{vit_name}'")
         self.cnn = build_backbone(cnn_name, in_chans=data.in_chans, image_size=data.image_size,
-                                  stem=cfg.model.stem, pretrained=cfg.model.pretrained, spatial_dims=2)
+                                  stem=model.stem, pretrained=model.pretrained, spatial_dims=2)
+        check_image_fits(self.cnn, cnn_name, data.image_size)
         self.vit = build_backbone(vit_name, in_chans=data.in_chans, image_size=data.image_size,
-                                  pretrained=cfg.model.pretrained, spatial_dims=2)
-        patch = _patch_size(self.vit)
-        if patch is not None and data.image_size % patch:
-            raise ConfigError(
-                f"cass: image size {data.image_size} is not a multiple of the patch size {patch} of "
-                f"'{vit_name}' (the ViT would drop the last {data.image_size % patch} px); choose "
-                f"--image-size {max(patch, data.image_size // patch * patch)} or "
-                f"{(data.image_size // patch + 1) * patch}"
-            )
+                                  pretrained=model.pretrained, spatial_dims=2)
+        check_image_fits(self.vit, vit_name, data.image_size, key="method.vit_backbone")
         d_cnn, d_vit = feature_dim(self.cnn), feature_dim(self.vit)
         embed = m.embed_dim or (1000 if m.head == "logits" else 256)
         if m.head == "logits":
@@ -149,10 +120,10 @@ class CASS(Method):
             self.vit_head = projection_mlp(d_vit, m.mlp_hidden, embed)
         self.embed_dim = embed
         self.cnn_name, self.vit_name = cnn_name, vit_name
-        self.stem = cfg.model.stem
+        self.stem = model.stem
         self.in_chans = data.in_chans
         self.image_size = data.image_size
-        self.views = ViewSampler(cfg.views, data.image_size, 2)
+        self.views = ViewSampler(views, data.image_size, 2)
 
     # -- embeddings ---------------------------------------------------------------------------------
     def embed_cnn(self, x: torch.Tensor) -> torch.Tensor:

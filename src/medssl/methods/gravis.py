@@ -21,14 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medssl.errors import ConfigError
+from medssl.checks import check_choice, check_range
+from medssl.config import ModelConfig
 from medssl.losses.grouping_ap import SIMILARITIES, grouping_ap_loss
-from medssl.methods import register
-from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput, ViewSpec
+from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput
+from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
-from medssl.transforms.views import ViewSampler
+from medssl.transforms.views import ViewConfig, ViewSampler
 
 
 @dataclass
@@ -61,23 +62,18 @@ class GraVISConfig(MethodConfig):
         """Validate the values (recipes and ``--set`` overrides end up here).
 
         Raises:
-            ConfigError: naming the first invalid field.
+            FieldError: naming the first invalid field.
         """
-        if self.num_views < 2:
-            raise ConfigError(f"method.num_views must be >= 2 (a group needs two views), got {self.num_views}")
-        if not self.temperature > 0:
-            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        if self.similarity not in SIMILARITIES:
-            raise ConfigError(f"method.similarity must be one of {SIMILARITIES}, got '{self.similarity}'")
-        if not self.hardness_temperature > 0:
-            raise ConfigError(f"method.hardness_temperature must be > 0, got {self.hardness_temperature}")
-        if self.proj_dim < 1 or self.proj_hidden < 0:
-            raise ConfigError(f"method.proj_dim must be >= 1 and proj_hidden >= 0, got {self.proj_dim}, "
-                              f"{self.proj_hidden}")
+        check_range("num_views", self.num_views, ge=2)  # a group needs two views
+        check_range("temperature", self.temperature, gt=0)
+        check_choice("similarity", self.similarity, SIMILARITIES)
+        check_range("hardness_temperature", self.hardness_temperature, gt=0)
+        check_range("proj_dim", self.proj_dim, ge=1)
+        check_range("proj_hidden", self.proj_hidden, ge=0)
 
 
 @register
-class GraVIS(BackboneMethod):
+class GraVIS(BackboneMethod[GraVISConfig]):
     """GraVIS (Zhou et al., IEEE TMI 2023): K views per image grouped by a smoothed-AP loss."""
 
     name = "gravis"
@@ -87,17 +83,14 @@ class GraVIS(BackboneMethod):
     default_optimizer = "sgd"
     paper = ("Zhou et al., GraVIS: Grouping Augmented Views from Independent Sources for Dermatology Analysis, "
              "IEEE TMI 2023, arXiv 2301.04410")
-    view_spec = ViewSpec(num_views=4)
 
-    def __init__(self, cfg: Any, data: DataInfo) -> None:
-        super().__init__()
-        m = GraVISConfig(**cfg.method)
-        self.hparams = m
-        self.view_spec = ViewSpec(num_views=m.num_views)
-        self.build_backbone(cfg, data)
+    def __init__(self, hparams: GraVISConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
+        super().__init__(hparams)
+        m = self.hparams
+        self.build_backbone(model, data)
         d = feature_dim(self.backbone)
         self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
-        self.views = ViewSampler(cfg.views, data.image_size, data.spatial_dims)
+        self.views = ViewSampler(views, data.image_size, data.spatial_dims)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Projector embedding of a batch of normalised views."""

@@ -17,27 +17,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from medssl.config import ModelConfig
+from medssl.checks import FieldError, check_choice, check_range
+from medssl.config import ModelConfig, PretrainConfig
 from medssl.errors import ConfigError
-from medssl.losses.reconstruction import reconstruction_loss
-from medssl.methods import register
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, ViewSpec, VisualPanel
+from medssl.losses.reconstruction import denormalize_patches, reconstruction_loss
+from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, VisualPanel, check_mask_units
+from medssl.methods.registry import register
 from medssl.nn.backbones import build_backbone, is_vit
 from medssl.nn.masked_vit import MaskedViT, TokenDecoder, resolve_patch_size, visible_indices
 from medssl.nn.patches import patchify, unpatchify
-from medssl.transforms.intensity import MEAN, STD, normalize
-from medssl.transforms.masking import MaskConfig, mask_grid
-from medssl.transforms.views import ViewSampler
+from medssl.transforms.intensity import denormalize, normalize
+from medssl.transforms.masking import MASK_STRATEGIES, MaskConfig, mask_grid
+from medssl.transforms.views import ViewConfig, ViewSampler
 
 log = logging.getLogger("medssl")
 
 #: the ViT a masked-image method uses when the run names none (``model.backbone`` left at its CNN default)
 DEFAULT_VIT = {2: "vit_tiny_patch16_224", 3: "vit_tiny_3d"}
+#: the ViT features masked-image methods evaluate when ``model.global_pool`` is not set: the mean of the patch
+#: tokens (better frozen features than the class token)
+DEFAULT_POOL = "avg"
+
+#: ``{scale: tensor}``: 1 is the input resolution, 2 / 4 the higher scales of MIRAM
+Scales = dict[int, torch.Tensor]
 
 
 @dataclass
@@ -45,9 +52,10 @@ class MAEConfig(MethodConfig):
     """MAE hyper-parameters.
 
     Attributes:
-        mask_ratio: fraction of patches masked (0.75).
+        mask_ratio: fraction of patches masked (0.75), in ``[0, 1)``; 0 trains a plain autoencoder on every
+            patch (the loss then covers all patches).
         mask_strategy: how patches are chosen (:mod:`medssl.transforms.masking`; ``random`` in MAE).
-        decoder_dim: decoder width (512).
+        decoder_dim: decoder width (512); a multiple of ``decoder_heads``.
         decoder_depth: decoder blocks (8).
         decoder_heads: decoder attention heads (16).
         norm_pix_loss: per-patch normalised pixel targets (MAE's best setting).
@@ -60,27 +68,27 @@ class MAEConfig(MethodConfig):
     decoder_heads: int = 16
     norm_pix_loss: bool = True
 
+    def __post_init__(self) -> None:
+        """Validate the values (recipes and ``--set`` overrides end up here).
 
-def resolve_vit_backbone(cfg: Any, spatial_dims: int, method: str) -> str:
-    """The ViT a masked-image method builds: ``model.backbone`` if it is a ViT, :data:`DEFAULT_VIT` when the
-    backbone was left at the (CNN) default. The choice is written back into ``cfg.model`` so that the run's
-    ``config.yaml`` records it.
+        Raises:
+            FieldError: naming the first invalid field.
+        """
+        check_range("mask_ratio", self.mask_ratio, ge=0, lt=1)
+        check_choice("mask_strategy", self.mask_strategy, MASK_STRATEGIES)
+        check_range("decoder_dim", self.decoder_dim, ge=1)
+        check_range("decoder_depth", self.decoder_depth, ge=1)
+        check_range("decoder_heads", self.decoder_heads, ge=1)
+        if self.decoder_dim % self.decoder_heads:
+            raise FieldError("decoder_dim", f"must be a multiple of decoder_heads ({self.decoder_heads}), "
+                                            f"got {self.decoder_dim}")
 
-    Raises:
-        ConfigError: ``model.backbone`` names a CNN explicitly.
-    """
-    name = cfg.model.backbone
-    if not is_vit(name):
-        if name != ModelConfig().backbone:
-            raise ConfigError(f"{method} needs a ViT backbone (e.g. vit_tiny_patch16_224, vit_small_3d); got '{name}'")
-        name = DEFAULT_VIT[spatial_dims]
-        log.info("%s: model.backbone %s -> %s (a ViT)", method, cfg.model.backbone, name)
-        cfg.model.backbone = name
-    return name
+
+MAEC = TypeVar("MAEC", bound=MAEConfig)
 
 
 @register
-class MAE(Method):
+class MAE(Method[MAEC]):
     """Masked autoencoder (ViT, 2D and 3D)."""
 
     name = "mae"
@@ -89,37 +97,68 @@ class MAE(Method):
     default_lr = 1.5e-4
     default_optimizer = "adamw"
     paper = "He et al., Masked Autoencoders Are Scalable Vision Learners, CVPR 2022"
-    view_spec = ViewSpec(num_views=1)
 
-    def __init__(self, cfg: Any, data: DataInfo) -> None:
-        super().__init__()
-        m = self.config_cls(**cfg.method)
-        self.hparams = m
+    #: samples drawn by :meth:`visualize`
+    vis_samples: int = 4
+
+    @classmethod
+    def vit_settings(cls, model: ModelConfig, data: DataInfo) -> tuple[str, int, str]:
+        """The ViT this method builds for ``data``: ``(backbone, patch size, global pool)``.
+
+        ``model.backbone`` if it is a ViT, :data:`DEFAULT_VIT` for the data's spatial dims when the backbone was
+        left at the (CNN) default; ``model.patch_size`` or :func:`~medssl.nn.masked_vit.resolve_patch_size`'s
+        choice for the image size; ``model.global_pool`` or :data:`DEFAULT_POOL`.
+
+        Raises:
+            ConfigError: ``model.backbone`` names a CNN explicitly, or the patch size does not divide the image.
+        """
+        name = model.backbone
+        if not is_vit(name):
+            if name != ModelConfig().backbone:
+                raise ConfigError(f"{cls.name} needs a ViT backbone (e.g. vit_tiny_patch16_224, vit_small_3d); "
+                                  f"got '{name}'")
+            name = DEFAULT_VIT[data.spatial_dims]
+        patch = resolve_patch_size(name, data.image_size, data.spatial_dims, model.patch_size)
+        return name, patch, model.global_pool or DEFAULT_POOL
+
+    @classmethod
+    def resolve_defaults(cls, cfg: PretrainConfig, data: DataInfo) -> None:
+        """Record :meth:`vit_settings` in ``cfg.model`` (backbone, patch size, global pool)."""
+        name, patch, pool = cls.vit_settings(cfg.model, data)
+        if name != cfg.model.backbone:
+            log.info("%s: model.backbone %s -> %s (a ViT)", cls.name, cfg.model.backbone, name)
+        cfg.model.backbone, cfg.model.patch_size, cfg.model.global_pool = name, patch, pool
+
+    def __init__(self, hparams: MAEC, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
+        """Build the masked ViT and its decoder.
+
+        Raises:
+            ConfigError: a CNN backbone, or a patch size that does not fit the image
+                (:func:`~medssl.methods.base.check_mask_units`), naming the keys.
+        """
+        super().__init__(hparams)
+        m = self.hparams
         sd = data.spatial_dims
         self.spatial_dims = sd
         self.in_chans = data.in_chans
         self.image_size = data.image_size
-        name = resolve_vit_backbone(cfg, sd, self.name)
-        patch = resolve_patch_size(name, data.image_size, sd, cfg.model.patch_size)
-        cfg.model.patch_size = patch
-        if cfg.model.global_pool is None:  # mean of the patch tokens: better frozen features than the class token
-            cfg.model.global_pool = "avg"
-        self.backbone_name = name
-        self.patch = patch
-        self.global_pool = cfg.model.global_pool
-        vit = build_backbone(name, in_chans=data.in_chans, image_size=data.image_size, pretrained=cfg.model.pretrained,
-                             spatial_dims=sd, patch_size=patch, global_pool=self.global_pool)
-        self.encoder = MaskedViT(vit, sd, fixed_pos_embed=not cfg.model.pretrained)
-        self.mask_cfg = MaskConfig(strategy=m.mask_strategy, ratio=m.mask_ratio, patch_size=patch)
-        self.patch_numel = patch**sd * data.in_chans
+        self.backbone_name, self.patch, self.global_pool = self.vit_settings(model, data)
+        vit = build_backbone(self.backbone_name, in_chans=data.in_chans, image_size=data.image_size,
+                             pretrained=model.pretrained, spatial_dims=sd, patch_size=self.patch,
+                             global_pool=self.global_pool)
+        self.encoder = MaskedViT(vit, sd, fixed_pos_embed=not model.pretrained)
+        self.mask_cfg = MaskConfig(strategy=m.mask_strategy, ratio=m.mask_ratio, patch_size=self.patch)
+        self.patch_numel = self.patch**sd * data.in_chans
+        check_mask_units(self.mask_cfg, self.encoder.grid, values_per_unit=self.patch_numel, norm_pix=m.norm_pix_loss,
+                         sizes=f"data.image_size {data.image_size}, model.patch_size {self.patch}")
         self.decoder = TokenDecoder(self.encoder.embed_dim, self.encoder.grid, self.patch_numel, dim=m.decoder_dim,
                                     depth=m.decoder_depth, num_heads=m.decoder_heads,
                                     num_prefix_tokens=self.encoder.num_prefix_tokens)
-        geometric = dataclasses.replace(cfg.views, intensity_p=0.0, blur_p=0.0, noise_std=0.0)
+        geometric = dataclasses.replace(views, intensity_p=0.0, blur_p=0.0, noise_std=0.0)
         self.views = ViewSampler(geometric, data.image_size, sd)
 
     # -- pieces -------------------------------------------------------------------------------------------
-    def make_views(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
+    def make_views(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Scales:
         """The augmented image of every sample, ``{1: (B, C, *S)}`` in ``[0, 1]`` (MIRAM adds higher scales)."""
         return {1: self.views(batch["image"], generator=generator).images}
 
@@ -133,8 +172,8 @@ class MAE(Method):
         ids = visible_indices(mask) if bool(mask.any()) else None
         return mask.to(device), (ids.to(device) if ids is not None else None)
 
-    def forward_scales(self, views: dict[int, torch.Tensor], mask: torch.Tensor, ids_keep: torch.Tensor | None
-                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    def forward_scales(self, views: Scales, mask: torch.Tensor, ids_keep: torch.Tensor | None
+                       ) -> tuple[Scales, Scales, Scales, torch.Tensor]:
         """Predictions, targets and masks per scale, and the encoder's tokens.
 
         Returns:
@@ -144,9 +183,14 @@ class MAE(Method):
         x = normalize(views[1])
         latent = self.encoder(x, ids_keep)
         tokens = self.decoder.forward_tokens(latent, ids_keep)
-        preds = {1: self.decoder.predict(tokens)}
+        preds, masks = {1: self.decoder.predict(tokens)}, {1: mask}
         targets = {1: patchify(x, self.patch, self.spatial_dims)}
-        return preds, targets, {1: mask}, latent
+        self.add_scales(tokens, views, preds, targets, masks)
+        return preds, targets, masks, latent
+
+    def add_scales(self, tokens: torch.Tensor, views: Scales, preds: Scales, targets: Scales, masks: Scales) -> None:
+        """Add the predictions, targets and masks of scales beyond 1x, from the 1x decoder's ``tokens`` (MIRAM).
+        MAE has none."""
 
     # -- step ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
@@ -159,9 +203,6 @@ class MAE(Method):
         logs = {f"loss_{s}x": v.detach() for s, v in losses.items()} if len(losses) > 1 else {}
         # the class token of the masked forward, for the trainer's collapse statistics
         return StepOutput(loss=loss, logs=logs, embeddings={"backbone": latent[:, 0].detach()})
-
-    #: samples drawn by :meth:`visualize`
-    vis_samples: int = 4
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], step: int) -> list[VisualPanel] | None:
@@ -181,14 +222,13 @@ class MAE(Method):
         for s, pred in preds.items():
             target, pred = targets[s].float(), pred.float()
             if self.hparams.norm_pix_loss:
-                mean = target.mean(dim=-1, keepdim=True)
-                std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-                pred = pred * std + mean
+                pred = denormalize_patches(pred, target)
             m = masks[s].unsqueeze(-1)
             grid = tuple(g * s for g in self.encoder.grid)
             pix_mask = unpatchify(m.float().expand_as(target), self.patch, grid, self.in_chans)[:, :1] > 0.5
-            target_img = _denormalize(unpatchify(target, self.patch, grid, self.in_chans))
-            recon = _denormalize(unpatchify(torch.where(m, pred, target), self.patch, grid, self.in_chans))
+            target_img = denormalize(unpatchify(target, self.patch, grid, self.in_chans)).clamp(0.0, 1.0)
+            recon = unpatchify(torch.where(m, pred, target), self.patch, grid, self.in_chans)
+            recon = denormalize(recon).clamp(0.0, 1.0)
             columns = {"input": target_img * ~pix_mask} if s == 1 else {}  # what the encoder saw: 1x only
             columns.update({"mask": pix_mask, "reconstruction": recon, "target": target_img})
             panels.append(VisualPanel(scale=f"{s}x", columns=columns))
@@ -210,7 +250,3 @@ class MAE(Method):
             }
         }
 
-
-def _denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Normalised-image space back to ``[0, 1]`` (inverse of :func:`medssl.transforms.intensity.normalize`)."""
-    return (x * STD + MEAN).clamp(0.0, 1.0)

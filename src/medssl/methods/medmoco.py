@@ -25,15 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from medssl.checks import FieldError, check_choice, check_range
+from medssl.config import ModelConfig
 from medssl.errors import ConfigError
 from medssl.losses.local_infonce import LocalInfoNCE
-from medssl.methods import register
 from medssl.methods.base import DataInfo, StepOutput
 from medssl.methods.mocov2 import MoCoV2, MoCoV2Config
+from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim, is_vit
 from medssl.nn.ema import make_ema_copy
 from medssl.nn.whitening import WHITENING_METHODS, WhitenedBackbone, Whitening
 from medssl.transforms.intensity import normalize
+from medssl.transforms.views import ViewConfig
 
 log = logging.getLogger("medssl")
 
@@ -75,30 +78,31 @@ class MedMoCoConfig(MoCoV2Config):
     whitening_gather: bool = False
 
     def __post_init__(self) -> None:
-        """Validate the Med-MoCo fields (recipes and ``--set`` overrides end up here).
+        """Validate the MoCo v2 and the Med-MoCo fields (recipes and ``--set`` overrides end up here).
 
         Raises:
-            ConfigError: naming the first invalid field.
+            FieldError: naming the first invalid field.
         """
-        if self.whitening not in WHITENING_METHODS:
-            raise ConfigError(f"method.whitening must be one of {WHITENING_METHODS}, got '{self.whitening}'")
-        if self.local_weight < 0:
-            raise ConfigError(f"method.local_weight must be >= 0, got {self.local_weight}")
-        if self.local_regions < 1:
-            raise ConfigError(f"method.local_regions must be >= 1, got {self.local_regions}")
-        lo, hi = (float(v) for v in self.local_region_scale)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError(f"method.local_region_scale must satisfy 0 < min <= max <= 1, got {self.local_region_scale}")
-        if self.local_temperature <= 0:
-            raise ConfigError(f"method.local_temperature must be > 0, got {self.local_temperature}")
-        if self.local_pool_size < 1:
-            raise ConfigError(f"method.local_pool_size must be >= 1, got {self.local_pool_size}")
-        if self.whitening_eps <= 0:
-            raise ConfigError(f"method.whitening_eps must be > 0, got {self.whitening_eps}")
-        if not 0.0 < self.whitening_momentum <= 1.0:
-            raise ConfigError(f"method.whitening_momentum must be in (0, 1], got {self.whitening_momentum}")
-        if self.whitening_iterations < 1:
-            raise ConfigError(f"method.whitening_iterations must be >= 1, got {self.whitening_iterations}")
+        super().__post_init__()
+        check_choice("whitening", self.whitening, WHITENING_METHODS)
+        check_range("local_weight", self.local_weight, ge=0)
+        check_range("local_regions", self.local_regions, ge=1)
+        scale = tuple(self.local_region_scale)
+        if len(scale) != 2:
+            raise FieldError("local_region_scale", f"must be a (min, max) pair, got {list(scale)}")
+        for value in scale:
+            check_range("local_region_scale", value, gt=0, le=1)
+        if scale[0] > scale[1]:
+            raise FieldError("local_region_scale", f"must satisfy 0 < min <= max <= 1, got {list(scale)}")
+        self.local_region_scale = (float(scale[0]), float(scale[1]))
+        check_range("local_temperature", self.local_temperature, gt=0)
+        check_range("local_dim", self.local_dim, ge=1)
+        check_range("local_hidden", self.local_hidden, ge=0)
+        check_range("local_pool_size", self.local_pool_size, ge=1)
+        check_range("whitening_group_size", self.whitening_group_size, ge=0)
+        check_range("whitening_eps", self.whitening_eps, gt=0)
+        check_range("whitening_momentum", self.whitening_momentum, gt=0, le=1)
+        check_range("whitening_iterations", self.whitening_iterations, ge=1)
 
 
 def feature_map_and_pooled(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +130,7 @@ def feature_map_and_pooled(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.
 
 
 @register
-class MedMoCo(MoCoV2):
+class MedMoCo(MoCoV2[MedMoCoConfig]):
     """Med-MoCo: MoCo v2 with a local InfoNCE over corresponding regions and a whitening layer."""
 
     name = "medmoco"
@@ -135,9 +139,9 @@ class MedMoCo(MoCoV2):
     config_cls = MedMoCoConfig
     paper = "Hassanpour et al., Med-MoCo, ISBI 2024, arXiv 2402.14611"
 
-    def __init__(self, cfg: Any, data: DataInfo) -> None:
-        super().__init__(cfg, data)
-        m: MedMoCoConfig = self.hparams  # type: ignore[assignment]
+    def __init__(self, hparams: MedMoCoConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
+        super().__init__(hparams, model, views, data)
+        m = self.hparams
         d = feature_dim(self.backbone)
         self.whitening: Whitening | None = None
         self.key_whitening: nn.Module | None = None
@@ -151,13 +155,13 @@ class MedMoCo(MoCoV2):
             self.key_whitening = make_ema_copy(self.whitening)
         self.local: LocalInfoNCE | None = None
         if m.local_weight > 0:
-            if data.spatial_dims == 2 and is_vit(cfg.model.backbone):
+            if data.spatial_dims == 2 and is_vit(model.backbone):
                 raise ConfigError(
-                    f"backbone '{cfg.model.backbone}' has no spatial feature map: Med-MoCo's local term needs a "
+                    f"backbone '{model.backbone}' has no spatial feature map: Med-MoCo's local term needs a "
                     "CNN backbone; use e.g. resnet18/resnet50, or set method.local_weight=0"
                 )
             self.local = LocalInfoNCE(
-                d, num_regions=m.local_regions, region_scale=tuple(m.local_region_scale),  # type: ignore[arg-type]
+                d, num_regions=m.local_regions, region_scale=m.local_region_scale,
                 proj_hidden=m.local_hidden, proj_dim=m.local_dim, temperature=m.local_temperature,
                 output_size=m.local_pool_size,
             )
@@ -206,7 +210,7 @@ class MedMoCo(MoCoV2):
                         "on a 1-cell map. Use larger images or model.stem=cifar.", "x".join(map(str, f1.shape[2:])))
             self._warned_small_map = True
         local = self.local(f1, f2, w1.boxes, w2.boxes, w1.flips, w2.flips)
-        weight = self.hparams.local_weight  # type: ignore[attr-defined]
+        weight = self.hparams.local_weight
         out.logs["loss_global"] = out.loss.detach()  # tensors: read back on log steps only
         out.logs["loss_local"] = local.loss.detach()
         out.logs["local_valid_fraction"] = local.num_valid / b

@@ -22,25 +22,30 @@ has the 1x decoder's width and heads and ``hr_decoder_depth`` blocks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from medssl.checks import FieldError, check_choice, check_range
+from medssl.config import ModelConfig
 from medssl.data.highres import highres_key
-from medssl.errors import ConfigError, DataError
-from medssl.methods import register
+from medssl.errors import DataError
 from medssl.methods.base import DataInfo, ViewSpec
-from medssl.methods.mae import MAE, MAEConfig
+from medssl.methods.mae import MAE, MAEConfig, Scales
+from medssl.methods.registry import register
 from medssl.nn.attention import ATTENTIONS
 from medssl.nn.masked_vit import UpscaleDecoder
 from medssl.nn.patches import patchify
 from medssl.transforms.intensity import normalize
 from medssl.transforms.masking import upsample_mask
 from medssl.transforms.spatial import crop_resize
+from medssl.transforms.views import ViewConfig
 
-MAX_SCALES = (2, 4)
+#: the allowed ``scales`` settings: the scales reconstructed besides 1x
+SCALE_CHOICES = ((2,), (2, 4))
 
 
 @dataclass
@@ -59,16 +64,23 @@ class MIRAMConfig(MAEConfig):
     hr_attention: str = "full"
     num_landmarks: int = 64
 
+    def __post_init__(self) -> None:
+        """Validate MAE's fields and the higher scales'.
 
-def _check_scales(scales: tuple[int, ...]) -> tuple[int, ...]:
-    scales = tuple(int(s) for s in scales)
-    if scales not in (MAX_SCALES[:1], MAX_SCALES):
-        raise ConfigError(f"method.scales must be [2] or [2, 4] (the scales besides 1x), got {list(scales)}")
-    return scales
+        Raises:
+            FieldError: naming the first invalid field.
+        """
+        super().__post_init__()
+        self.scales = tuple(int(s) for s in self.scales)
+        if self.scales not in SCALE_CHOICES:
+            raise FieldError("scales", f"must be [2] or [2, 4] (the scales besides 1x), got {list(self.scales)}")
+        check_range("hr_decoder_depth", self.hr_decoder_depth, ge=1)
+        check_choice("hr_attention", self.hr_attention, ATTENTIONS)
+        check_range("num_landmarks", self.num_landmarks, ge=1)
 
 
 @register
-class MIRAM(MAE):
+class MIRAM(MAE[MIRAMConfig]):
     """MAE with extra decoders reconstructing the image at 2x (and 4x) resolution."""
 
     name = "miram"
@@ -76,19 +88,21 @@ class MIRAM(MAE):
                    "(Vo et al. 2025)")
     config_cls = MIRAMConfig
     paper = "Vo et al., MIRAM: Masked Image Reconstruction Across Multiple Scales, arXiv 2503.07157"
-    view_spec = ViewSpec(num_views=1, needs_highres=True, highres_factors=(2,))
+    view_spec = ViewSpec(needs_highres=True, highres_factors=(2,))
 
     @classmethod
-    def view_spec_for(cls, method_cfg: dict[str, Any]) -> ViewSpec:
-        scales = _check_scales(tuple(method_cfg.get("scales", MIRAMConfig.scales)))
-        return ViewSpec(num_views=1, needs_highres=True, highres_factors=scales)
+    def view_spec_for(cls, method_cfg: Mapping[str, Any]) -> ViewSpec:
+        """High-resolution copies at every scale of ``method_cfg['scales']``.
 
-    def __init__(self, cfg: Any, data: DataInfo) -> None:
-        super().__init__(cfg, data)
-        m: MIRAMConfig = self.hparams  # type: ignore[assignment]
-        self.scales = _check_scales(tuple(m.scales))
-        if m.hr_attention not in ATTENTIONS:
-            raise ConfigError(f"method.hr_attention must be one of {', '.join(ATTENTIONS)}, got '{m.hr_attention}'")
+        Raises:
+            ConfigError: invalid MIRAM settings, naming ``method.<key>``.
+        """
+        return ViewSpec(needs_highres=True, highres_factors=cls.parse_hparams(method_cfg).scales)
+
+    def __init__(self, hparams: MIRAMConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
+        super().__init__(hparams, model, views, data)
+        m = self.hparams
+        self.scales = m.scales
         self.hr_decoders = nn.ModuleDict()
         grid = self.encoder.grid
         for s in self.scales:
@@ -97,7 +111,7 @@ class MIRAM(MAE):
             self.hr_decoders[f"x{s}"] = dec
             grid = dec.grid
 
-    def make_views(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
+    def make_views(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Scales:
         """The augmented image at every scale: one crop box and flip per sample, applied to the input and to
         its high-resolution copies (``batch['image_highres']`` ...), resampled to ``scale x`` the input size.
 
@@ -117,14 +131,10 @@ class MIRAM(MAE):
             out[s] = crop_resize(batch[key], v.boxes, size, flips=v.flips, mode="bilinear").clamp(0.0, 1.0)
         return out
 
-    def forward_scales(self, views: dict[int, torch.Tensor], mask: torch.Tensor, ids_keep: torch.Tensor | None
-                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
-        x = normalize(views[1])
-        latent = self.encoder(x, ids_keep)
-        tokens = self.decoder.forward_tokens(latent, ids_keep)
-        preds = {1: self.decoder.predict(tokens)}
-        targets = {1: patchify(x, self.patch, self.spatial_dims)}
-        masks = {1: mask}
+    def add_scales(self, tokens: torch.Tensor, views: Scales, preds: Scales, targets: Scales, masks: Scales) -> None:
+        """Each higher-scale decoder refines the previous scale's tokens (a cascade); a high-resolution patch is
+        masked when the input patch it lies in is."""
+        mask = masks[1]
         grid_mask = mask.reshape(mask.shape[0], *self.encoder.grid)
         for s in self.scales:
             dec = self.hr_decoders[f"x{s}"]
@@ -132,4 +142,3 @@ class MIRAM(MAE):
             preds[s] = dec.predict(tokens)
             targets[s] = patchify(normalize(views[s]), self.patch, self.spatial_dims)
             masks[s] = upsample_mask(grid_mask, s).reshape(mask.shape[0], -1)
-        return preds, targets, masks, latent

@@ -12,20 +12,22 @@ key encoder's BatchNorm sees a batch shuffled across ranks (shuffle-BN) under DD
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
+from medssl.checks import check_range
+from medssl.config import ModelConfig
 from medssl.losses import info_nce
-from medssl.methods import register
-from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput, ViewSpec
+from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput
+from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim
 from medssl.nn.ema import ema_update, make_ema_copy
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
-from medssl.transforms.views import ViewSampler
+from medssl.transforms.views import ViewConfig, ViewSampler
 
 
 @dataclass
@@ -52,9 +54,24 @@ class MoCoV2Config(MethodConfig):
     symmetric: bool = True
     shuffle_bn: bool = True
 
+    def __post_init__(self) -> None:
+        """Check the ranges (recipes and ``--set`` overrides end up here).
+
+        Raises:
+            FieldError: naming the first field out of range.
+        """
+        check_range("queue_size", self.queue_size, ge=1)
+        check_range("momentum", self.momentum, ge=0, lt=1)
+        check_range("temperature", self.temperature, gt=0)
+        check_range("proj_dim", self.proj_dim, ge=1)
+        check_range("proj_hidden", self.proj_hidden, ge=0)
+
+
+MC = TypeVar("MC", bound=MoCoV2Config)
+
 
 @register
-class MoCoV2(BackboneMethod):
+class MoCoV2(BackboneMethod[MC]):
     """MoCo v2 (the baseline Med-MoCo builds on)."""
 
     name = "mocov2"
@@ -63,13 +80,11 @@ class MoCoV2(BackboneMethod):
     default_lr = 0.03
     default_optimizer = "sgd"
     paper = "Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv 2003.04297"
-    view_spec = ViewSpec(num_views=2)
 
-    def __init__(self, cfg: Any, data: DataInfo) -> None:
-        super().__init__()
-        m = self.config_cls(**cfg.method)
-        self.hparams = m
-        self.build_backbone(cfg, data)
+    def __init__(self, hparams: MC, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
+        super().__init__(hparams)
+        m = self.hparams
+        self.build_backbone(model, data)
         d = feature_dim(self.backbone)
         self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
         self.key_backbone = make_ema_copy(self.backbone)
@@ -77,7 +92,7 @@ class MoCoV2(BackboneMethod):
         self.queue_size = min(m.queue_size, max(data.num_samples, 1))
         self.register_buffer("queue", F.normalize(torch.randn(self.queue_size, m.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.views = ViewSampler(cfg.views, data.image_size, data.spatial_dims)
+        self.views = ViewSampler(views, data.image_size, data.spatial_dims)
         self._pending_keys: torch.Tensor | None = None
 
     # -- encoders -----------------------------------------------------------------------------------
@@ -93,10 +108,6 @@ class MoCoV2(BackboneMethod):
     def embed_key(self, x: torch.Tensor) -> torch.Tensor:
         """Key-encoder embedding of a normalised view batch (not normalised; called without gradient)."""
         return self.key_projector(self.key_backbone(x))
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Query embedding of a normalised view."""
-        return self.embed_query(x)["projector"]
 
     @torch.no_grad()
     def key(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ tokens as the input grid, so full attention costs 16x / 256x as much there. Nyst
 ``softmax(Q Kᵀ / √d) V`` with ``m`` landmarks:
 
     Q̃, K̃ = segment means of Q, K over m contiguous segments of the sequence
-    F = softmax(Q K̃ᵀ / √d)   (n x m),   A = softmax(Q̃ K̃ᵀ / √d)   (m x m),   B = softmax(Q̃ Kᵀ / √d)   (m x n)
+    F = softmax(Q K̃ᵀ / √d)  (n x m),  A = softmax(Q̃ K̃ᵀ / √d)  (m x m),  B = softmax(Q̃ Kᵀ / √d)  (m x n)
     out ≈ F · A⁺ · (B · V)
 
 costing ``O(n m d)`` instead of ``O(n² d)``. ``A⁺`` is the Moore-Penrose pseudo-inverse, computed with the

@@ -17,6 +17,8 @@ from medssl.errors import ConfigError
 from medssl.transforms.intensity import normalize
 
 STEMS = ("default", "cifar")
+#: the stem and stage modules of a ResNet (timm 2D, medssl 3D)
+RESNET_PARTS = ("conv1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
@@ -132,6 +134,79 @@ def build_backbone(
     if stem == "cifar":
         apply_cifar_stem(model)
     return model
+
+
+def patch_size_of(backbone: nn.Module) -> int | None:
+    """The patch side of a transformer backbone (``patch_embed.patch_size``); ``None`` for a CNN."""
+    ps = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if ps is None:
+        return None
+    return int(ps[0]) if isinstance(ps, tuple | list) else int(ps)
+
+
+def _stride(module: nn.Module) -> int:
+    s = getattr(module, "stride", 1)
+    return int(s[0]) if isinstance(s, tuple | list) else int(s)
+
+
+def output_stride(backbone: nn.Module) -> int | None:
+    """How far apart, in input pixels, neighbouring positions of a CNN's last feature map are.
+
+    For a ResNet (timm 2D, medssl 3D): ``stride(conv1) · stride(maxpool) · Π_stages stride(first block)``
+    (32 with the default stem, 8 with the ``cifar`` stem); for other timm CNNs the ``reduction`` of their last
+    ``feature_info`` entry (a timm ViT's is its patch size). ``None`` when unknown.
+    """
+    if all(hasattr(backbone, part) for part in RESNET_PARTS):
+        total = 1
+        for stem in ("conv1", "maxpool"):
+            for m in getattr(backbone, stem).modules():
+                total *= _stride(m)
+        for stage in RESNET_PARTS[2:]:
+            first = next(iter(getattr(backbone, stage).children()), None)
+            if first is not None:
+                total *= max(_stride(m) for m in first.modules())
+        return total
+    info = getattr(backbone, "feature_info", None)
+    if isinstance(info, list) and info and isinstance(info[-1], dict) and "reduction" in info[-1]:
+        return int(info[-1]["reduction"])
+    return None
+
+
+def check_image_fits(backbone: nn.Module, name: str, image_size: int, key: str = "model.backbone") -> None:
+    """Refuse an image size the backbone cannot use, before anything trains on it.
+
+    * a transformer needs ``image_size`` to be a multiple of its patch size (otherwise the last partial
+      row and column of patches is silently dropped, or there is no patch at all);
+    * a CNN needs ``image_size >= output_stride / 2`` (:func:`output_stride`): its last stage may then see a
+      single position, but no earlier stage does. Smaller images leave stride-2 layers computing from zero
+      padding alone, which trains without error to meaningless features (e.g. ``--image-size 1``).
+
+    Args:
+        backbone: the built backbone.
+        name: its model name.
+        image_size: the side of the images it will see.
+        key: the config key that chose the backbone (named in the message).
+
+    Raises:
+        ConfigError: naming ``data.image_size`` and ``key`` (and what would fit).
+    """
+    patch = patch_size_of(backbone)
+    if patch is not None:
+        if image_size % patch:
+            lower, upper = max(patch, image_size // patch * patch), (image_size // patch + 1) * patch
+            raise ConfigError(
+                f"data.image_size {image_size} is not a multiple of the patch size {patch} of {key} "
+                f"'{name}' (the ViT would drop the last {image_size % patch} px); choose --image-size {lower} "
+                f"or {upper}"
+            )
+        return
+    stride = output_stride(backbone)
+    if stride is not None and image_size < stride / 2:
+        hint = " or model.stem=cifar (stride 8)" if hasattr(backbone, "maxpool") and stride > 8 else ""
+        raise ConfigError(
+            f"data.image_size {image_size} is too small for {key} '{name}' (output stride {stride}): "
+            f"it needs at least {(stride + 1) // 2} px; use a larger --image-size{hint}"
+        )
 
 
 def feature_dim(backbone: nn.Module) -> int:

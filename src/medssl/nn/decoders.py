@@ -16,24 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvBlock", "UNetDecoder", "default_decoder_channels"]
+from medssl.nn.layers import conv, linear_mode, make_norm
 
+__all__ = ["NORMS", "ConvBlock", "UNetDecoder", "default_decoder_channels"]
 
-def _conv(spatial_dims: int) -> type[nn.Module]:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-
-
-def _norm(spatial_dims: int, norm: str, channels: int) -> nn.Module:
-    if norm == "batch":
-        return nn.BatchNorm2d(channels) if spatial_dims == 2 else nn.BatchNorm3d(channels)
-    if norm == "instance":
-        cls = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
-        return cls(channels, affine=True)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'instance' or 'none', got '{norm}'")
+#: normalisations of the decoders' convolution blocks
+NORMS = ("batch", "instance", "none")
 
 
 class ConvBlock(nn.Sequential):
@@ -44,17 +32,22 @@ class ConvBlock(nn.Sequential):
         out_channels: output channels of every convolution.
         spatial_dims: 2 or 3.
         num_convs: convolutions in the block.
-        norm: ``batch``, ``instance`` or ``none``.
+        norm: ``batch``, ``instance`` or ``none`` (:func:`medssl.nn.layers.make_norm`).
+
+    Raises:
+        ValueError: another norm or ``spatial_dims``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int, num_convs: int = 2,
                  norm: str = "batch") -> None:
-        conv = _conv(spatial_dims)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be 'batch', 'instance' or 'none', got '{norm}'")
+        conv_cls = conv(spatial_dims)
         layers: list[nn.Module] = []
         for i in range(num_convs):
             layers += [
-                conv(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=norm == "none"),
-                _norm(spatial_dims, norm, out_channels),
+                conv_cls(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=norm == "none"),
+                make_norm(norm, spatial_dims, out_channels),
                 nn.ReLU(inplace=True),
             ]
         super().__init__(*layers)
@@ -127,7 +120,7 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         fc = max(16, width // 2) if final_channels is None else int(final_channels)
         self.final = ConvBlock(width, fc, spatial_dims, num_convs, norm) if fc > 0 else nn.Identity()
-        self.head = _conv(spatial_dims)(fc if fc > 0 else width, out_channels, 1)
+        self.head = conv(spatial_dims)(fc if fc > 0 else width, out_channels, 1)
         self.out_channels = out_channels
 
     def _up(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -135,8 +128,7 @@ class UNetDecoder(nn.Module):
             return x
         if self.upsample_mode == "nearest":
             return F.interpolate(x, size=tuple(shape), mode="nearest")
-        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-        return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=False)
+        return F.interpolate(x, size=tuple(shape), mode=linear_mode(self.spatial_dims), align_corners=False)
 
     def forward(self, features: Sequence[torch.Tensor], out_shape: Sequence[int] | None = None) -> torch.Tensor:
         """Decode.

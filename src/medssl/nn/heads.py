@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_norm: bool = False) -> nn.Sequential:
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
+                   batch_norm: bool = False) -> nn.Sequential:
     """MLP projector ``in → hidden → … → out`` with ReLU between layers (MoCo v2: 2 layers, d→d→128).
 
     Args:

@@ -43,7 +43,8 @@ def native_patch_size(name: str, spatial_dims: int) -> int:
 def resolve_patch_size(name: str, image_size: int, spatial_dims: int, patch_size: int | None = None) -> int:
     """The patch side a masked ViT uses: ``patch_size`` if given, else the model's own when that leaves at
     least 48 tokens (224/16 → 196, 112/16 → 49, 64³/16 → 64), else the side that gives 8 x 8 tokens (2D) or
-    4 x 4 x 4 (3D) (32 px → 4, 64 px → 8, 32³ → 8), so that small CPU images still make a useful grid.
+    4 x 4 x 4 (3D) (32 px → 4, 64 px → 8, 32³ → 8), so that small CPU images still make a useful grid, but
+    never below 2 (a one-pixel patch of a grey image has no variance to normalise a norm-pix target by).
 
     Raises:
         ConfigError: an image size that is not a multiple of the patch size.
@@ -53,11 +54,11 @@ def resolve_patch_size(name: str, image_size: int, spatial_dims: int, patch_size
         if image_size % native == 0 and (image_size // native) ** spatial_dims >= _MIN_TOKENS:
             patch_size = native
         else:
-            patch_size = max(1, image_size // _FALLBACK_SIDE[spatial_dims])
+            patch_size = max(2, image_size // _FALLBACK_SIDE[spatial_dims])
     if patch_size < 1 or image_size % patch_size:
         raise ConfigError(
-            f"image size {image_size} is not a multiple of the ViT patch size {patch_size}; set "
-            "model.patch_size (or --image-size) so that it divides the image"
+            f"data.image_size {image_size} is not a multiple of the ViT patch size {patch_size} "
+            f"(model.patch_size); set model.patch_size (or --image-size) so that it divides the image"
         )
     return int(patch_size)
 

@@ -116,7 +116,8 @@ def unpatchify(
 
 
 def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """``[sin(pos * ω_k), cos(pos * ω_k)]`` with ``ω_k = 10000^(-k / (dim/2))``, ``k < dim/2`` (Vaswani et al. 2017)."""
+    """``[sin(pos * ω_k), cos(pos * ω_k)]`` with ``ω_k = 10000^(-k / (dim/2))``, ``k < dim/2``
+    (Vaswani et al. 2017)."""
     omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     angles = positions.reshape(-1, 1).astype(np.float64) * omega.reshape(1, -1)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)

@@ -23,6 +23,7 @@ from torch import nn
 
 from medssl.errors import ConfigError
 from medssl.nn.decoders import ConvBlock, UNetDecoder
+from medssl.nn.layers import conv, linear_mode
 from medssl.transforms.intensity import normalize
 
 __all__ = ["ProgressiveUpsamplingDecoder", "SegmentationNet", "core_backbone", "is_resnet_like", "is_vit_like",
@@ -93,10 +94,9 @@ class ProgressiveUpsamplingDecoder(nn.Module):
             blocks.append(ConvBlock(width, out, spatial_dims, num_convs=1, norm=norm))
             width = out
         self.blocks = nn.ModuleList(blocks)
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.head = conv(width, out_channels, 1)
+        self.head = conv(spatial_dims)(width, out_channels, 1)
         self.spatial_dims = spatial_dims
-        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        self.mode = linear_mode(spatial_dims)
 
     def forward(self, grid: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
         """``grid``: ``(B, D, *token_grid)``; returns ``(B, out_channels, *out_shape)``."""
@@ -104,7 +104,8 @@ class ProgressiveUpsamplingDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             last = i == len(self.blocks) - 1
-            size = tuple(out_shape) if last else tuple(min(2 * s, o) for s, o in zip(x.shape[2:], out_shape, strict=True))
+            size = tuple(out_shape) if last else tuple(min(2 * s, o)
+                                                       for s, o in zip(x.shape[2:], out_shape, strict=True))
             x = F.interpolate(x, size=size, mode=self.mode, align_corners=False)
         return self.head(x)
 

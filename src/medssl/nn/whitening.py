@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medssl.engine import distributed as dist_utils
+from medssl import distributed as dist_utils
 from medssl.errors import ConfigError
 
 WHITENING_METHODS = ("none", "zca", "iternorm")

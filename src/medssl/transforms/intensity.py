@@ -18,6 +18,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`: ``x * STD + MEAN``, the ``[0, 1]`` range of the input (not clamped)."""
+    return x * STD + MEAN
+
+
 def _per_sample(values: torch.Tensor | float, images: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar or ``(B,)`` tensor of per-sample values against ``(B, C, *spatial)`` images."""
     v = torch.as_tensor(values, dtype=images.dtype, device=images.device)

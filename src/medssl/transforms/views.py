@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from medssl.checks import FieldError, check_range
 from medssl.errors import ConfigError
 from medssl.transforms.intensity import adjust_brightness, adjust_contrast, adjust_gamma
 from medssl.transforms.spatial import _as_shape, _rand, crop_resize, gaussian_blur, sample_crop_boxes
@@ -67,38 +68,36 @@ class ViewConfig:
         """Validate the values (recipes and ``--set`` overrides end up here).
 
         Raises:
-            ConfigError: Naming the first invalid field.
+            FieldError: naming the first invalid field (``build_dataclass`` adds ``views.``).
         """
-        self.crop_scale = _pair(self.crop_scale, "crop_scale")
-        self.crop_ratio = _pair(self.crop_ratio, "crop_ratio")
-        self.gamma = _pair(self.gamma, "gamma")
-        self.blur_sigma = _pair(self.blur_sigma, "blur_sigma")
+        self.crop_scale = _pair(self.crop_scale, "crop_scale", low_gt=0.0)
+        self.crop_ratio = _pair(self.crop_ratio, "crop_ratio", low_gt=0.0)
+        self.gamma = _pair(self.gamma, "gamma", low_gt=0.0)
+        self.blur_sigma = _pair(self.blur_sigma, "blur_sigma", low_ge=0.0)
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
-        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1]:
-            raise ConfigError(f"crop_scale must satisfy 0 < min <= max, got {self.crop_scale}")
-        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ConfigError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        if not 0.0 < self.gamma[0] <= self.gamma[1]:
-            raise ConfigError(f"gamma must satisfy 0 < min <= max, got {self.gamma}")
-        if not 0.0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ConfigError(f"blur_sigma must satisfy 0 <= min <= max, got {self.blur_sigma}")
-        for name in ("flip_p", "intensity_p", "blur_p"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be a probability in [0, 1], got {value}")
-        if not 0.0 <= self.brightness <= 1.0:
-            raise ConfigError(f"brightness must be in [0, 1], got {self.brightness}")
-        if not 0.0 <= self.contrast <= 1.0:
-            raise ConfigError(f"contrast must be in [0, 1], got {self.contrast}")
-        if self.noise_std < 0.0:
-            raise ConfigError(f"noise_std must be >= 0, got {self.noise_std}")
+        for name in ("flip_p", "intensity_p", "blur_p"):  # probabilities
+            check_range(name, getattr(self, name), ge=0, le=1)
+        check_range("brightness", self.brightness, ge=0, le=1)
+        check_range("contrast", self.contrast, ge=0, le=1)
+        check_range("noise_std", self.noise_std, ge=0)
 
 
-def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
-    values = tuple(float(v) for v in value)
+def _pair(value: Sequence[float], name: str, *, low_gt: float | None = None,
+          low_ge: float | None = None) -> tuple[float, float]:
+    """A finite ``(min, max)`` pair with ``min <= max`` and ``min`` above the given bound.
+
+    Raises:
+        FieldError: not two numbers, not finite, out of range or in the wrong order.
+    """
+    values = tuple(value)
     if len(values) != 2:
-        raise ConfigError(f"{name} must be a (min, max) pair, got {value!r}")
-    return values[0], values[1]
+        raise FieldError(name, f"must be a (min, max) pair, got {value!r}")
+    lo, hi = (float(v) for v in values)
+    check_range(name, lo, gt=low_gt, ge=low_ge)
+    check_range(name, hi, gt=low_gt, ge=low_ge)
+    if lo > hi:
+        raise FieldError(name, f"must satisfy min <= max, got ({lo:g}, {hi:g})")
+    return lo, hi
 
 
 class Views(NamedTuple):

@@ -1,7 +1,8 @@
-"""Small distributed helpers used by losses and methods.
+"""Small distributed helpers used by losses, methods and the engine.
 
 They work unchanged in a single process (world size 1) and under any ``torch.distributed`` process group
-that Lightning Fabric sets up (DDP on NCCL or gloo).
+that Lightning Fabric sets up (DDP on NCCL or gloo). A leaf module: it imports nothing of medssl, so any layer
+(nn, losses, methods, engine, eval) may use it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""The metrics window: what happened since the last ``metrics.csv`` row, and the row itself.
+
+Between log steps the loss and the method's logs are summed on the device (0-dim tensors are not read back,
+so a GPU step does not wait for the host). On a log step (every ``train.log_every_n_steps`` and the last
+step) the mean loss is averaged over ranks (one all-reduce), images/s is measured over the window
+(``steps × global batch / seconds``), and one row goes to ``metrics.csv`` and the progress display.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from medssl import distributed as dist_utils
+from medssl.engine.logging import MetricsCSV, Progress
+
+log = logging.getLogger("medssl")
+
+
+def _collapse_update(embeddings: dict[str, torch.Tensor], step: int, total_steps: int, every: int,
+                     pending: dict[str, Any]) -> dict[str, Any]:
+    """Collapse columns for the next metrics.csv row: present (empty) from the first row on, filled every
+    ``every`` steps and at the last step from this step's embeddings (gathered across ranks)."""
+    if not every or not embeddings:
+        return pending
+    from medssl.eval.collapse import collapse_columns, collapse_logs
+
+    cols = {c: pending.get(c, "") for c in collapse_columns(list(embeddings))}
+    if step % every == 0 or step == total_steps:
+        cols.update(collapse_logs({k: dist_utils.gather(v.detach(), with_grad=False) for k, v in embeddings.items()}))
+    return cols
+
+
+class MetricsWindow:
+    """Accumulates steps between metrics rows and writes the row on log steps.
+
+    Args:
+        fabric: the launched Fabric (device, ``all_reduce``).
+        csv: the ``metrics.csv`` writer (global rank 0), else ``None``.
+        bar: the progress display.
+        global_batch: images per optimiser step over all ranks.
+        total_steps: the run's length (the last step always logs).
+        log_every: ``train.log_every_n_steps``.
+        collapse_every: ``train.collapse_every_n_steps`` (0 = off).
+        start_step: the step the run starts (or resumes) at.
+    """
+
+    def __init__(self, fabric: Any, csv: MetricsCSV | None, bar: Progress, *, global_batch: int, total_steps: int,
+                 log_every: int, collapse_every: int, start_step: int) -> None:
+        self.fabric, self.csv, self.bar = fabric, csv, bar
+        self.global_batch, self.total_steps = global_batch, total_steps
+        self.log_every, self.collapse_every = log_every, collapse_every
+        self.loss_sum = torch.zeros((), device=fabric.device)
+        self.count = 0
+        self.logs: dict[str, Any] = {}  # float or 0-dim tensor sums; tensors are read back only on log steps
+        self.collapse_row: dict[str, Any] = {}
+        self.t_last, self.step_last = time.perf_counter(), start_step
+
+    def add(self, out: Any, step: int) -> None:
+        """Add one applied step's :class:`~medssl.methods.base.StepOutput` (``step`` = steps completed)."""
+        self.loss_sum += out.loss.detach().float()
+        self.count += 1
+        for k, v in out.logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+        self.collapse_row = _collapse_update(out.embeddings, step, self.total_steps, self.collapse_every,
+                                             self.collapse_row)
+
+    def maybe_log(self, step: int, epoch: int, lrs: dict[str, float]) -> None:
+        """On a log step: the row (``step, epoch, loss, lr, images_per_s``, ``lr_<set>`` with several parameter
+        sets, the method's logs averaged over the window, collapse columns), the progress line, a reset."""
+        if step % self.log_every != 0 and step != self.total_steps:
+            return
+        n = max(self.count, 1)
+        mean_loss = float(self.fabric.all_reduce(self.loss_sum / n, reduce_op="mean"))
+        now = time.perf_counter()
+        ips = (step - self.step_last) * self.global_batch / max(now - self.t_last, 1e-9)
+        lr_now = next(iter(lrs.values()))
+        if self.csv is not None:
+            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_now, "images_per_s": ips}
+            if len(lrs) > 1:
+                row.update({f"lr_{name}": lr for name, lr in lrs.items()})
+            row.update({k: float(v) / n for k, v in self.logs.items()})
+            row.update(self.collapse_row)
+            self.csv.log(row)
+        self.bar.update(step, epoch, mean_loss, lr_now, ips)
+        if not math.isfinite(mean_loss):
+            log.warning("non-finite mean loss at step %d", step)
+        self.loss_sum.zero_()
+        self.count = 0
+        self.logs, self.collapse_row = {}, {}
+        self.t_last, self.step_last = now, step
+
+    def close(self) -> None:
+        """Stop the progress display."""
+        self.bar.close()
