@@ -11,7 +11,8 @@ import yaml
 from medssl.api import evaluate
 from medssl.cli import main
 from medssl.compare import compare, run_labels
-from medssl.export import random_encoder, save_encoder
+from medssl.encoders import random_encoder
+from medssl.export import save_encoder
 
 EVAL = dict(label_fractions=[0.5, 1.0], seeds=[0, 1], device="cpu", progress=False)
 

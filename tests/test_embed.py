@@ -10,8 +10,8 @@ from sklearn.decomposition import PCA
 from medssl.cli import main
 from medssl.data.specs import open_dataset
 from medssl.embed import embed, pca_2d
+from medssl.encoders import random_encoder
 from medssl.eval.features import extract_features
-from medssl.export import random_encoder
 
 
 def test_embed_random_init_matches_extract_features(tmp_path):

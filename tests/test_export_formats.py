@@ -7,8 +7,9 @@ import safetensors.torch as st
 import torch
 
 from medssl.cli import main
+from medssl.encoders import random_encoder
 from medssl.errors import ConfigError
-from medssl.export import random_encoder, save_encoder
+from medssl.export import save_encoder
 from medssl.export_formats import export_weights
 from medssl.transforms.intensity import normalize
 
@@ -129,3 +130,25 @@ def test_cli_export_prints_snippet(tmp_path, capsys):
         torch.testing.assert_close(ns["model"](normalize(x)), enc(x), rtol=1e-5, atol=1e-5)
     assert main(["export", "--run", str(run), "--format", "monai", "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "supported pairs" in capsys.readouterr().err
+
+
+def test_out_may_not_be_a_file_of_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    enc, path = _saved(run, "resnet18")
+    (run / "config.yaml").write_text("method: {name: mocov2}\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    (tmp_path / "link.safetensors").symlink_to(path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out in (path, run / "checkpoints" / ".." / "encoder.safetensors", tmp_path / "link.safetensors",
+                run / "whitening.safetensors", run / "encoder_vit.safetensors", run / "checkpoints" / "x.safetensors"):
+        with pytest.raises(ConfigError, match="must not be overwritten"):
+            export_weights(out, "timm", run=run)
+    with pytest.raises(ConfigError, match="must not be overwritten"):  # the run's file given as --checkpoint
+        export_weights(path, "timm", encoder_file=path)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a new file in a new sub-folder of the run is not the run's: allowed, written atomically (no temp left)
+    res = export_weights(run / "exports" / "timm.safetensors", "timm", run=run)
+    _check_same_features(enc, res, (2, 1, 32, 32))
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["timm.safetensors"]

@@ -1,16 +1,24 @@
-"""The library entry points: :func:`pretrain` and :func:`evaluate`. The CLI is a thin wrapper over them."""
+"""The library entry points: :func:`pretrain` and :func:`evaluate`. The CLI is a thin wrapper over them.
+
+:data:`PRETRAIN_FLAGS` is the one table of named pretraining options: it builds the ``medssl pretrain`` options and
+the explicit layer of :func:`make_config`. Encoders are found by :mod:`medssl.encoders`, protocols by
+:mod:`medssl.eval.registry`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from medssl.config import PretrainConfig, build_config, load_yaml, parse_set
+from medssl.config import PRECISIONS, PretrainConfig, build_config, load_yaml, parse_set
 from medssl.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from medssl.eval.registry import ProtocolEntry
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -27,55 +35,110 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     raise ConfigError(f"recipe {name_or_path}: file not found (bundled recipes: {names})")
 
 
-def make_config(
-    *,
-    method: str | None = None,
-    data: str | None = None,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    base: dict[str, Any] | None = None,
-    **flags: Any,
-) -> PretrainConfig:
-    """Build a resolved config from a recipe, explicit arguments and ``key=value`` overrides (in that order).
+def positive_int(text: str) -> int:
+    """A command-line integer >= 1 (an ``argparse`` type)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return v
 
-    ``flags`` are the CLI's named options: backbone, image_size, batch_size, epochs, max_steps, lr, seed,
-    devices, precision, skip_bad, splits, cache (``None`` = not given).
+
+@dataclass(frozen=True)
+class Flag:
+    """A named pretraining option: the keyword of :func:`pretrain` / :func:`make_config`, its command-line form and
+    the config key it sets. :data:`PRETRAIN_FLAGS` builds both the ``medssl pretrain`` options and the layer of
+    explicit values in :func:`make_config`.
+
+    Attributes:
+        name: keyword (``image_size``); the option is ``--image-size`` unless ``option`` says otherwise.
+        key: dotted config path it sets (``data.image_size``).
+        help: command-line help.
+        type: converter of the command-line string (``None``: the string as is).
+        choices: the allowed values, the constant where they are defined.
+        const: a switch: the option takes no value and sets the key to ``const`` (``--skip-bad``, ``--no-cache``).
+        cli: the option string when it is not ``--name`` with dashes.
+        exclusive: options with the same group name cannot be given together.
+        clears: config keys set to ``None`` when this option is given (``--epochs`` clears ``train.max_steps``).
+        metavar: the value's name in the help.
     """
-    layers: list[dict[str, Any]] = [base or {}]
-    if config is not None:
-        layers.append(load_yaml(resolve_recipe(config)))
-    explicit: dict[str, Any] = {}
 
-    def put(section: str, key: str, value: Any) -> None:
-        if value is not None:
-            explicit.setdefault(section, {})[key] = value
+    name: str
+    key: str
+    help: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: Sequence[str] | None = None
+    const: Any = None
+    cli: str | None = None
+    exclusive: str | None = None
+    clears: tuple[str, ...] = ()
+    metavar: str | None = None
 
-    if method is not None:
-        explicit["method"] = {"name": method}
-    put("data", "spec", data)
-    put("model", "backbone", flags.pop("backbone", None))
-    put("data", "image_size", flags.pop("image_size", None))
-    put("train", "batch_size", flags.pop("batch_size", None))
-    epochs = flags.pop("epochs", None)
-    max_steps = flags.pop("max_steps", None)
-    if epochs is not None and max_steps is not None:
-        raise ConfigError("give either --epochs or --max-steps, not both")
-    if epochs is not None:
-        put("train", "epochs", epochs)
-        explicit.setdefault("train", {})["max_steps"] = None
-    put("train", "max_steps", max_steps)
-    put("optim", "lr", flags.pop("lr", None))
-    put("train", "seed", flags.pop("seed", None))
-    put("train", "devices", flags.pop("devices", None))
-    put("train", "precision", flags.pop("precision", None))
-    put("data", "skip_bad", flags.pop("skip_bad", None) or None)
-    put("data", "splits", flags.pop("splits", None))
-    put("data", "cache", flags.pop("cache", None))
-    if flags:
-        raise ConfigError(f"unknown option(s): {', '.join(sorted(flags))}")
-    layers.append(explicit)
-    layers.append(parse_set(overrides))
-    # A method chosen explicitly replaces the recipe's method section only when the name differs.
+    @property
+    def option(self) -> str:
+        """The command-line option string."""
+        return self.cli or "--" + self.name.replace("_", "-")
+
+
+PRETRAIN_FLAGS: tuple[Flag, ...] = (
+    Flag("backbone", "model.backbone", "timm model name (default resnet18); resnet18_3d etc. for volumes"),
+    Flag("image_size", "data.image_size", "side length fed to the model (default: the dataset's)", positive_int),
+    Flag("batch_size", "train.batch_size", "images per step per device", positive_int),
+    Flag("epochs", "train.epochs", "passes over the data", positive_int, exclusive="length",
+         clears=("train.max_steps",)),
+    Flag("max_steps", "train.max_steps", "optimiser steps (instead of --epochs)", positive_int, exclusive="length"),
+    Flag("lr", "optim.lr", "peak learning rate (default: the method's)", float),
+    Flag("seed", "train.seed", "seed of data order, augmentations and initialisation", int),
+    Flag("devices", "train.devices", "devices (GPUs, or CPU processes); >1 uses DDP", positive_int),
+    Flag("precision", "train.precision", "numeric precision (bf16-mixed: bf16 autocast on GPU)",
+         choices=PRECISIONS),
+    Flag("splits", "data.splits", "split manifest (splits.csv of an earlier run) to reuse", metavar="FILE"),
+    Flag("cache", "data.cache", "do not cache decoded files (data.cache=false)", const=False, cli="--no-cache"),
+    Flag("skip_bad", "data.skip_bad", "read every image once first and skip unreadable ones (listed in "
+         "RUN/skipped.csv)", const=True),
+)
+"""Every named ``medssl pretrain`` option and the config key it sets: a new option is one line here."""
+
+
+def _put(layer: dict[str, Any], key: str, value: Any) -> None:
+    *sections, last = key.split(".")
+    node = layer
+    for sec in sections:
+        node = node.setdefault(sec, {})
+    node[last] = value
+
+
+def flags_layer(flags: dict[str, Any]) -> dict[str, Any]:
+    """The config layer of the named options that were given (not ``None``), through :data:`PRETRAIN_FLAGS`.
+
+    Raises:
+        ConfigError: an unknown option, or two options of one exclusive group (``--epochs`` and ``--max-steps``).
+    """
+    known = {f.name: f for f in PRETRAIN_FLAGS}
+    unknown = sorted(set(flags) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+    given = [f for f in PRETRAIN_FLAGS if flags.get(f.name) is not None]
+    for group in dict.fromkeys(f.exclusive for f in given if f.exclusive):
+        clash = [f.option for f in given if f.exclusive == group]
+        if len(clash) > 1:
+            raise ConfigError(f"give either {' or '.join(clash)}, not both")
+    layer: dict[str, Any] = {}
+    for f in given:
+        _put(layer, f.key, flags[f.name])
+        for key in f.clears:
+            _put(layer, key, None)
+    return layer
+
+
+def _merge_method_sections(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The layers with their ``method`` sections merged into one last layer.
+
+    A method chosen in a later layer replaces the earlier method section only when the name differs (its
+    hyper-parameters then start from that method's defaults); the same name merges the keys.
+    """
     merged_method = None
     for layer in layers:
         if "method" in layer:
@@ -87,7 +150,34 @@ def make_config(
     cleaned = [{k: v for k, v in layer.items() if k != "method"} for layer in layers]
     if merged_method is not None:
         cleaned.append({"method": merged_method})
-    return build_config(*cleaned)
+    return cleaned
+
+
+def make_config(
+    *,
+    method: str | None = None,
+    data: str | None = None,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: dict[str, Any] | None = None,
+    **flags: Any,
+) -> PretrainConfig:
+    """Build a resolved config from a recipe, explicit arguments and ``key=value`` overrides (in that order).
+
+    ``flags`` are the named options of :data:`PRETRAIN_FLAGS` (backbone, image_size, batch_size, epochs,
+    max_steps, lr, seed, devices, precision, splits, cache, skip_bad; ``None`` = not given).
+    """
+    layers: list[dict[str, Any]] = [base or {}]
+    if config is not None:
+        layers.append(load_yaml(resolve_recipe(config)))
+    explicit = flags_layer(flags)
+    if method is not None:
+        explicit["method"] = {"name": method}
+    if data is not None:
+        _put(explicit, "data.spec", data)
+    layers.append(explicit)
+    layers.append(parse_set(overrides))
+    return build_config(*_merge_method_sections(layers))
 
 
 def pretrain(
@@ -117,108 +207,26 @@ def pretrain(
         resume: continue the run in ``out`` from its last checkpoint.
         force: accept config changes on resume.
         progress: show progress.
-        **flags: backbone, image_size, batch_size, epochs, max_steps, lr, seed, devices, precision, skip_bad.
-    """
-    from medssl.engine.trainer import pretrain as _pretrain
+        **flags: the named options of :data:`PRETRAIN_FLAGS` (backbone, image_size, batch_size, epochs, max_steps,
+            lr, seed, devices, precision, splits, cache, skip_bad).
 
+    Raises:
+        CheckpointError: ``resume`` on a directory that holds no run (nothing to resume).
+        ConfigError: no method, or an invalid option / config value.
+    """
     base: dict[str, Any] | None = None
     saved = Path(out) / "config.yaml"
     if resume and saved.is_file():
         base = load_yaml(saved)
     if base is None and method is None and config is None:
+        if resume:
+            what = "does not exist" if not Path(out).exists() else "holds no config.yaml"
+            raise CheckpointError(f"--resume: nothing to resume in {out} (the directory {what})")
         raise ConfigError("no method given (--method NAME or a --config recipe)")
     cfg = make_config(method=method, data=data, config=config, overrides=overrides, base=base, **flags)
+    from medssl.engine.trainer import pretrain as _pretrain
+
     return _pretrain(cfg, out, resume=resume, force=force, progress=progress)
-
-
-def _run_encoders(run: Path, which: str | None) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    from medssl.export import load_encoder
-
-    if not run.is_dir():
-        raise CheckpointError(f"run directory {run}: not found")
-    cfg_path = run / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    method_name = (cfg.get("method") or {}).get("name", run.name)
-    files = sorted(run.glob("encoder*.safetensors"))
-    if not files:
-        raise CheckpointError(f"run directory {run}: no encoder*.safetensors (did the run finish?)")
-    out = []
-    for f in files:
-        enc_name = f.stem.removeprefix("encoder").lstrip("_") or "backbone"
-        if which not in (None, "both", "all") and enc_name != which:
-            continue
-        label = method_name if len(files) == 1 else f"{method_name}:{enc_name}"
-        out.append((label, load_encoder(f)))
-    if not out:
-        raise ConfigError(f"run {run} has no encoder '{which}' (has: {', '.join(f.stem for f in files)})")
-    return out, cfg
-
-
-def _checkpoint_encoders(path: Path) -> list[tuple[str, Any]]:
-    from medssl.export import load_encoder
-
-    if path.suffix == ".safetensors":
-        return [(path.stem, load_encoder(path))]
-    if path.suffix == ".ckpt":
-        from medssl.data.specs import open_from_config
-        from medssl.engine.checkpoint import load_checkpoint
-        from medssl.engine.trainer import pretrain_indices
-        from medssl.methods import DataInfo, build_method
-        from medssl.nn.backbones import Encoder
-
-        ckpt = load_checkpoint(path)
-        cfg = build_config(ckpt["config"])
-        ds = open_from_config(cfg.data, cache=False)
-        if cfg.data.skip_bad:
-            from medssl.data.manifest import drop_bad
-
-            ds = drop_bad(ds)
-        info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
-                        image_size=int(cfg.data.image_size or ds.image_size),
-                        num_samples=len(pretrain_indices(ds, cfg.data.split)))
-        method = build_method(cfg, info)
-        try:
-            method.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path}: does not fit its own config: {e}") from None
-        encs = method.encoders()
-        return [(f"{cfg.method_name}@{ckpt['step']}" + (f":{n}" if len(encs) > 1 else ""), Encoder(m).eval())
-                for n, m in encs.items()]
-    raise ConfigError(f"--checkpoint {path}: expected an encoder .safetensors or a training .ckpt")
-
-
-INITS = ("random", "imagenet")
-"""Baseline initialisations ``evaluate(init=...)`` accepts."""
-
-
-def _init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
-                   model_cfg: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[str]]:
-    """The ``random-init`` / ``imagenet-init`` baseline encoders, and a skip message for each one that cannot be
-    built here (ImageNet weights offline, or for a 3D backbone); skips are also logged to stderr."""
-    import logging
-
-    from medssl.export import WeightsUnavailable, imagenet_encoder, random_encoder
-
-    out: list[tuple[str, Any]] = []
-    skipped: list[str] = []
-    for name in dict.fromkeys(inits):
-        if name == "random":
-            out.append(("random-init", random_encoder(
-                backbone, in_chans=ds.in_chans, image_size=ds.image_size, stem=stem, spatial_dims=ds.spatial_dims,
-                seed=0, patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"))))
-            continue
-        try:
-            out.append(("imagenet-init", imagenet_encoder(
-                backbone, in_chans=ds.in_chans, image_size=ds.image_size, spatial_dims=ds.spatial_dims,
-                patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"))))
-        except WeightsUnavailable as e:
-            skipped.append(f"imagenet-init: {e}; skipped")
-            logging.getLogger("medssl").warning("%s; skipped", e)
-    return out, skipped
-
-
-TRAINING_PROTOCOLS = ("finetune", "segment")
-"""Protocols that train on images (``--epochs`` sets their length); the others work on frozen features."""
 
 
 def evaluate(
@@ -245,9 +253,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate encoders on a labelled dataset at several label fractions and seeds.
 
-    ``finetune`` and ``segment`` train on the images (a fresh copy of each encoder per fraction and seed);
-    ``epochs`` (``--epochs``) is their training length and ``protocol_options`` any other option of the
-    protocol (e.g. ``{"lr": 1e-4, "layer_decay": 0.75}``).
+    Protocols that train (``finetune``, ``segment``: registered with ``trains=True``) train a fresh copy of each
+    encoder per fraction and seed; ``epochs`` (``--epochs``) is their training length and ``protocol_options`` any
+    other option of the protocol (e.g. ``{"lr": 1e-4, "layer_decay": 0.75}``).
 
     The train/val/test assignment and every label-fraction subset used are written to ``out/splits.csv``;
     ``splits_file`` (``--splits``) makes the dataset use the splits of such a file (or of a run's
@@ -259,98 +267,127 @@ def evaluate(
     Returns:
         ``{"rows": [...], "summary": [...], "table": markdown}``; also writes ``results.json`` and
         ``results.md`` into ``out``.
-    """
-    import numpy as np
-    import torch
 
-    from medssl.config import DataConfig, build_dataclass
+    Raises:
+        ConfigError: an unknown protocol, option, initialisation or device, bad fractions / seeds, nothing to
+            evaluate, or a dataset the protocol cannot use. CheckpointError, DataError, StorageError: an unreadable
+            encoder source, dataset or ``out``.
+    """
     from medssl.data.specs import open_from_config
-    from medssl.data.splits import stratified_fraction, write_split_manifest
-    from medssl.eval.features import extract_features
-    from medssl.eval.protocol import FeatureSet, run_protocol
-    from medssl.eval.results import format_table, summarize, write_results
+    from medssl.encoders import check_inits, data_config, resolve_device, source_encoders
+    from medssl.fileio import ensure_output_dir
 
     t0 = time.perf_counter()
-    inits = [init] if isinstance(init, str) else list(init or [])
-    for i in inits:
-        if i not in INITS:
-            raise ConfigError(f"--init {i}: expected one of {', '.join(INITS)}")
+    entry = _protocol_entry(protocol)
+    inits = check_inits([init] if isinstance(init, str) else list(init or []))
     if run is None and checkpoint is None and not inits:
         raise ConfigError("nothing to evaluate: give --run DIR, --checkpoint FILE or --init random")
-    encoders: list[tuple[str, Any]] = []
-    run_cfg: dict[str, Any] = {}
-    if run is not None:
-        found, run_cfg = _run_encoders(Path(run), encoder)
-        encoders += found
-    if checkpoint is not None:
-        encoders += _checkpoint_encoders(Path(checkpoint))
-    model_cfg = run_cfg.get("model", {})
-    size = image_size or (run_cfg.get("data", {}) or {}).get("image_size")
-    data_section = {k: v for k, v in (run_cfg.get("data", {}) or {}).items() if k in ("intensity", "cache", "cache_dir")}
-    dcfg = build_dataclass(DataConfig, {**data_section, "spec": data, "image_size": size, "task": task,
-                                        "splits": str(splits_file) if splits_file else None}, where="data")
-    ds = open_from_config(dcfg)
-    if ds.labels is None and protocol not in ("collapse", "segment"):
+    options = _protocol_options(entry, epochs, protocol_options, label_fractions, seeds)
+    dev = resolve_device(device)
+    out = ensure_output_dir(out)
+    encoders, run_cfg = source_encoders(run, checkpoint, encoder)
+    ds = open_from_config(data_config(data, run_cfg, image_size=image_size, task=task, splits=splits_file))
+    if ds.labels is None and entry.needs_labels:
         raise ConfigError(f"data {data}: has no labels; evaluation needs a labelled dataset")
-    image_protocol = protocol in TRAINING_PROTOCOLS
-    if epochs is not None and not image_protocol:
-        raise ConfigError(f"--epochs applies to --protocol finetune / segment, not {protocol}")
+    skipped = _add_inits(encoders, inits, ds, run_cfg, backbone, stem)
+    sources = {"run": str(run) if run else None, "checkpoint": str(checkpoint) if checkpoint else None}
+    if entry.whole_dataset is not None:  # every image once, no label fractions x seeds (collapse)
+        meta = {"data": data, "encoders": [e for e, _ in encoders], **sources}
+        return entry.whole_dataset(encoders, ds, out, batch_size=batch_size, device=dev, meta=meta,
+                                   progress=progress)
+    splits = _eval_splits(ds, data)
+    rows = [row for label, enc in encoders
+            for row in _evaluate_encoder(entry, label, enc, ds, splits, list(label_fractions), list(seeds),
+                                         out / "predictions", batch_size, dev, progress, options)]
+    meta = {"data": data, "task": ds.task, "protocol": protocol, "label_fractions": list(label_fractions),
+            "seeds": list(seeds), "encoders": [e for e, _ in encoders], **sources,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    if skipped:
+        meta["skipped"] = "; ".join(skipped)
+    return _write_evaluation(out, rows, meta, ds, splits, label_fractions, seeds)
+
+
+def _protocol_entry(name: str) -> ProtocolEntry:
+    """The registry entry of an evaluation protocol (importing :mod:`medssl.eval` registers the built-in ones)."""
+    from medssl.eval.registry import protocol_entry
+
+    return protocol_entry(name)
+
+
+def _protocol_options(entry: ProtocolEntry, epochs: int | None, protocol_options: dict[str, Any] | None,
+                      label_fractions: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+    """The protocol's options (``epochs`` among them), checked against the protocol with the fractions and seeds
+    before any encoder is loaded."""
+    from medssl.eval.protocol import check_fractions_and_seeds, check_options
+    from medssl.eval.registry import PROTOCOLS
+
+    if epochs is not None and not entry.trains:
+        trainers = " / ".join(e.name for e in PROTOCOLS.entries() if e.trains)
+        raise ConfigError(f"--epochs applies to --protocol {trainers}, not {entry.name}")
     options = {**(protocol_options or {}), **({"epochs": int(epochs)} if epochs is not None else {})}
-    found_inits, skipped = _init_encoders(inits, ds, backbone or model_cfg.get("backbone", "resnet18"),
-                                          stem or model_cfg.get("stem", "default"), model_cfg)
-    encoders += found_inits
+    if entry.whole_dataset is None:
+        check_fractions_and_seeds(label_fractions, seeds)
+        check_options(entry.name, options)
+    return options
+
+
+def _add_inits(encoders: list[Any], inits: Sequence[str], ds: Any, run_cfg: dict[str, Any], backbone: str | None,
+               stem: str | None) -> list[str]:
+    """Append the baseline initialisations to ``encoders`` (the run's backbone unless ``backbone`` is given);
+    returns the skip notes. Raises ConfigError when nothing at all is left to evaluate."""
+    from medssl.encoders import init_encoders
+
+    model_cfg = run_cfg.get("model", {}) or {}
+    found, skipped = init_encoders(inits, ds, backbone or model_cfg.get("backbone", "resnet18"),
+                                   stem or model_cfg.get("stem", "default"), model_cfg)
+    encoders += found
     if not encoders:
         raise ConfigError("nothing to evaluate: " + "; ".join(skipped))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if protocol == "collapse":  # spectrum, effective rank and std of the features of every image; no labels
-        from medssl.eval.collapse import evaluate_collapse
+    return skipped
 
-        meta = {"data": data, "encoders": [e for e, _ in encoders], "run": str(run) if run else None,
-                "checkpoint": str(checkpoint) if checkpoint else None}
-        return evaluate_collapse(encoders, ds, out, batch_size=batch_size, device=dev, meta=meta, progress=progress)
+
+def _eval_splits(ds: Any, data: str) -> dict[str, Any]:
+    """``{"train", "val", "test"}`` -> dataset indices; train and test must not be empty."""
     splits = {s: ds.indices(s) for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise ConfigError(f"data {data}: needs non-empty train and test splits")
-    rows: list[dict[str, Any]] = []
-    # test labels and scores of every fraction x seed, for ROC / PR curves (medssl report) and the user's own analysis
-    predictions_dir = Path(out) / "predictions"
-    for label, enc in encoders:
-        enc = enc.to(dev)
-        if image_protocol:  # trains on the images: no frozen features
-            from medssl.eval.images import ImageTask
+    return splits
 
-            image_task = ImageTask.from_dataset(ds, enc, device=dev, splits=splits)
-            for row in run_protocol(image_task, protocol, list(label_fractions), list(seeds), encoder_name=label,
-                                    predictions_dir=predictions_dir, **options):
-                rows.append({"encoder": label, **row})
-            if progress:
-                print(f"evaluated {label}: {protocol} on {len(splits['train'])} train / {len(splits['test'])} test "
-                      "images", flush=True)
-            continue
-        feats = {s: extract_features(enc, ds, idx, batch_size=batch_size, device=dev) if len(idx) else None
-                 for s, idx in splits.items()}
-        fs = FeatureSet(
-            train_x=feats["train"], train_y=ds.labels[splits["train"]],
-            test_x=feats["test"], test_y=ds.labels[splits["test"]],
-            val_x=feats["val"], val_y=ds.labels[splits["val"]] if feats["val"] is not None else None,
-            multilabel=ds.multilabel, num_classes=ds.num_classes,
-            test_groups=ds.patient_ids[splits["test"]],
-        )
-        for row in run_protocol(fs, protocol, list(label_fractions), list(seeds), encoder_name=label,
-                                predictions_dir=predictions_dir, **options):
-            rows.append({"encoder": label, **row})
-        if progress:
-            print(f"evaluated {label}: {protocol} probe on {len(splits['train'])} train / {len(splits['test'])} test images",
-                  flush=True)
-    meta = {
-        "data": data, "task": ds.task, "protocol": protocol, "label_fractions": list(label_fractions),
-        "seeds": list(seeds), "encoders": [e for e, _ in encoders], "run": str(run) if run else None,
-        "checkpoint": str(checkpoint) if checkpoint else None, "seconds": round(time.perf_counter() - t0, 1),
-    }
-    if skipped:
-        meta["skipped"] = "; ".join(skipped)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _evaluate_encoder(entry: ProtocolEntry, label: str, enc: Any, ds: Any, splits: dict[str, Any],
+                      fractions: list[float], seeds: list[int], predictions_dir: Path, batch_size: int, dev: Any,
+                      progress: bool, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One encoder's rows: the protocol over fractions x seeds on frozen features (``inputs="features"``: a
+    :class:`~medssl.eval.protocol.FeatureSet` with class names and patient ids) or on the images
+    (``inputs="images"``: an :class:`~medssl.eval.images.ImageTask`). Test labels and scores of every fraction x
+    seed go to ``predictions_dir`` (for ROC / PR curves)."""
+    from medssl.eval.protocol import features_from_dataset, run_protocol
+
+    enc = enc.to(dev)
+    if entry.inputs == "images":  # trains on the images: no frozen features
+        from medssl.eval.images import ImageTask
+
+        task: Any = ImageTask.from_dataset(ds, enc, device=dev, splits=splits)
+    else:
+        task = features_from_dataset(enc, ds, batch_size=batch_size, device=dev, splits=splits)
+    rows = [{"encoder": label, **row} for row in run_protocol(task, entry.name, fractions, seeds, encoder_name=label,
+                                                              predictions_dir=predictions_dir, **options)]
+    if progress:
+        what = "" if entry.inputs == "images" else " probe"
+        print(f"evaluated {label}: {entry.name}{what} on {len(splits['train'])} train / {len(splits['test'])} test "
+              "images", flush=True)
+    return rows
+
+
+def _write_evaluation(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ds: Any, splits: dict[str, Any],
+                      label_fractions: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+    """Write ``results.json`` / ``.md`` / ``.csv`` and ``splits.csv`` (train/val/test and every label-fraction subset
+    used); returns ``{"rows", "summary", "table"}``."""
+    import numpy as np
+
+    from medssl.data.splits import stratified_fraction, write_split_manifest
+    from medssl.eval.results import format_table, summarize, write_results
+
     write_results(rows, out, meta=meta)
     strat = ds.labels[splits["train"]] if ds.labels is not None else np.zeros(len(splits["train"]), dtype=np.int64)
     subsets = {f"subset:{f:g}:seed{sd}": splits["train"][np.asarray(stratified_fraction(strat, f, sd, 1))]

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medssl.errors import MedsslError
 
@@ -34,26 +35,84 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one seed")
+    if len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got '{text}'")
     return vals
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return v
+    from medssl.api import positive_int
+
+    return positive_int(text)
 
 
 def _data_help() -> str:
-    try:
-        from medssl.data.specs import SPEC_HELP
+    from medssl.data.specs import spec_help
 
-        return SPEC_HELP
-    except ImportError:  # pragma: no cover
-        return "data spec"
+    return spec_help()
+
+
+def protocol_choices() -> tuple[list[str], str]:
+    """The registered evaluation protocols (``--protocol`` choices) and their help."""
+    from medssl.eval.registry import protocol_names, protocols_help
+
+    return protocol_names(), protocols_help()
+
+
+def add_flag(parser: Any, flag: Any) -> None:
+    """Add one :class:`medssl.api.Flag` to a parser or argument group (its value lands in ``dest=flag.name``)."""
+    kwargs: dict[str, Any] = {"dest": flag.name, "default": None, "help": flag.help}
+    if flag.const is not None:
+        kwargs.update(action="store_const", const=flag.const)
+    else:
+        kwargs.update(type=flag.type, metavar=flag.metavar)
+        if flag.choices is not None:
+            kwargs["choices"] = flag.choices
+    parser.add_argument(flag.option, **kwargs)
+
+
+def _add_pretrain(sub: Any, data_help: str) -> None:
+    from medssl.api import PRETRAIN_FLAGS
+
+    pre = sub.add_parser("pretrain", help="pretrain an encoder with a self-supervised method")
+    pre.add_argument("--method", help="registry name (see `medssl methods`)")
+    pre.add_argument("--data", help=data_help)
+    pre.add_argument("--out", required=True, help="run directory")
+    pre.add_argument("--config", help="YAML recipe (path or bundled name)")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set method.queue_size=1024 (repeatable)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pre.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+    pre.add_argument("--quiet", action="store_true", help="no progress output")
+    groups: dict[str, Any] = {}
+    for flag in PRETRAIN_FLAGS:
+        if flag.exclusive is not None and flag.exclusive not in groups:
+            groups[flag.exclusive] = pre.add_mutually_exclusive_group()
+        add_flag(pre if flag.exclusive is None else groups[flag.exclusive], flag)
+
+
+def _add_evaluate(sub: Any, data_help: str) -> None:
+    from medssl.encoders import DEVICE_HELP, INITS
+
+    names, protocol_help = protocol_choices()
+    ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
+    ev.add_argument("--run", help="run directory of a pretraining run")
+    ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
+    ev.add_argument("--init", action="append", choices=INITS,
+                    help="baseline initialisation (repeatable); imagenet is skipped with a note when offline")
+    ev.add_argument("--data", required=True, help=data_help)
+    ev.add_argument("--task", help="label task where the dataset has several")
+    ev.add_argument("--protocol", default="linear", choices=names, help=protocol_help)
+    ev.add_argument("--epochs", type=_positive_int, help="training epochs of the protocols that train (default 20)")
+    ev.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
+    ev.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    ev.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit, both)")
+    ev.add_argument("--backbone", help="backbone of --init random (default: the run's, else resnet18)")
+    ev.add_argument("--image-size", type=_positive_int)
+    ev.add_argument("--batch-size", type=_positive_int, default=256)
+    ev.add_argument("--device", help=DEVICE_HELP)
+    ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
+    ev.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of a run or evaluation) to reuse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,56 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"medssl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    pre = sub.add_parser("pretrain", help="pretrain an encoder with a self-supervised method")
-    pre.add_argument("--method", help="registry name (see `medssl methods`)")
-    pre.add_argument("--data", help=_data_help())
-    pre.add_argument("--out", required=True, help="run directory")
-    pre.add_argument("--backbone", help="timm model name (default resnet18); resnet18_3d etc. for volumes")
-    pre.add_argument("--image-size", type=_positive_int)
-    pre.add_argument("--batch-size", type=_positive_int, help="images per step per device")
-    length = pre.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_int)
-    length.add_argument("--max-steps", type=_positive_int)
-    pre.add_argument("--lr", type=float, help="peak learning rate (default: the method's)")
-    pre.add_argument("--seed", type=int)
-    pre.add_argument("--config", help="YAML recipe (path or bundled name)")
-    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set method.queue_size=1024 (repeatable)")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    pre.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
-    pre.add_argument("--devices", type=_positive_int, help="devices (GPUs, or CPU processes); >1 uses DDP")
-    pre.add_argument("--precision", choices=["32", "bf16-mixed"])
-    pre.add_argument("--quiet", action="store_true", help="no progress output")
-    pre.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of an earlier run) to reuse")
-    pre.add_argument("--no-cache", action="store_true", help="do not cache decoded files (data.cache=false)")
-    pre.add_argument("--skip-bad", action="store_true",
-                     help="read every image once first and skip unreadable ones (listed in RUN/skipped.csv)")
-
-    ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
-    ev.add_argument("--run", help="run directory of a pretraining run")
-    ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    ev.add_argument("--init", action="append", choices=["random", "imagenet"],
-                    help="baseline initialisation (repeatable); imagenet is skipped with a note when offline")
-    ev.add_argument("--data", required=True, help=_data_help())
-    ev.add_argument("--task", help="label task where the dataset has several")
-    ev.add_argument("--protocol", default="linear", choices=["linear", "knn", "finetune", "segment", "collapse"],
-                    help="linear / knn probes, finetune (whole network + linear head), segment (decoder on the "
-                    "encoder, needs masks), or collapse: spectrum + effective rank + std of the features (and a plot)")
-    ev.add_argument("--epochs", type=_positive_int, help="training epochs of --protocol finetune / segment (default 20)")
-    ev.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
-    ev.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    ev.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit, both)")
-    ev.add_argument("--backbone", help="backbone of --init random (default: the run's, else resnet18)")
-    ev.add_argument("--image-size", type=_positive_int)
-    ev.add_argument("--batch-size", type=_positive_int, default=256)
-    ev.add_argument("--device", help="cpu / cuda (default: cuda if available)")
-    ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
-    ev.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of a run or evaluation) to reuse")
+    data_help = _data_help()
+    _add_pretrain(sub, data_help)
+    _add_evaluate(sub, data_help)
 
     ins = sub.add_parser("inspect", help="summarise a dataset and list every unreadable or inconsistent file "
                          "(exit code 1 if there is any)")
-    ins.add_argument("--data", required=True, help=_data_help())
+    ins.add_argument("--data", required=True, help=data_help)
     ins.add_argument("--task", help="label task where the dataset has several")
     ins.add_argument("--image-size", type=_positive_int)
 
@@ -124,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=_positive_int, help="shorten or lengthen the demo's pretraining")
     from medssl.cli_eval import add_parsers
 
-    add_parsers(sub, _floats, _ints, _positive_int, _data_help())
+    add_parsers(sub, _floats, _ints, _positive_int, data_help)
     return p
 
 
@@ -139,14 +155,10 @@ def _cmd_methods() -> int:
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
-    from medssl.api import pretrain
+    from medssl.api import PRETRAIN_FLAGS, pretrain
 
-    run = pretrain(
-        a.method, a.data, a.out, config=a.config, overrides=a.overrides, resume=a.resume, force=a.force,
-        progress=not a.quiet, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
-        epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, seed=a.seed, devices=a.devices, precision=a.precision,
-        skip_bad=a.skip_bad, splits=a.splits, cache=False if a.no_cache else None,
-    )
+    run = pretrain(a.method, a.data, a.out, config=a.config, overrides=a.overrides, resume=a.resume, force=a.force,
+                   progress=not a.quiet, **{f.name: getattr(a, f.name) for f in PRETRAIN_FLAGS})
     from medssl.distributed import rank
 
     if rank() == 0:

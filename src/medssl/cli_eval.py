@@ -12,21 +12,29 @@ from typing import Any
 def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[str], list[int]],
                 positive_int: Callable[[str], int], data_help: str) -> None:
     """Register the four sub-commands on ``medssl``'s sub-parser object."""
+    from medssl.cli import protocol_choices
+    from medssl.data.splits import SPLIT_NAMES
+    from medssl.encoders import DEVICE_HELP, INITS
+    from medssl.export_formats import FORMATS
+
+    protocol_names, protocol_help = protocol_choices()
     cmp = sub.add_parser("compare", help="evaluate several runs and baselines with several protocols: one table")
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories to compare")
-    cmp.add_argument("--init", action="append", default=[], choices=["random", "imagenet"],
+    cmp.add_argument("--init", action="append", default=[], choices=INITS,
                      help="baseline initialisation with the first run's backbone (repeatable); imagenet needs the "
-                          "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note otherwise")
+                          "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note "
+                          "otherwise")
     cmp.add_argument("--data", required=True, help=data_help)
     cmp.add_argument("--task", help="label task where the dataset has several")
-    cmp.add_argument("--protocol", nargs="+", default=["linear"], help="one or more protocols (linear, knn, ...)")
+    cmp.add_argument("--protocol", nargs="+", default=["linear"], choices=protocol_names,
+                     help=f"one or more protocols: {protocol_help}")
     cmp.add_argument("--label-fractions", type=floats, default=[0.01, 0.1, 1.0])
     cmp.add_argument("--seeds", type=ints, default=[0, 1, 2])
-    cmp.add_argument("--epochs", type=positive_int, help="training length of protocols that train (finetune, segment)")
+    cmp.add_argument("--epochs", type=positive_int, help="training length of the protocols that train")
     cmp.add_argument("--encoder", help="which encoder of multi-encoder runs")
     cmp.add_argument("--image-size", type=positive_int)
     cmp.add_argument("--batch-size", type=positive_int, default=256)
-    cmp.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+    cmp.add_argument("--device", help=DEVICE_HELP)
     cmp.add_argument("--out", required=True, help="output directory (results.json / .md / .csv, summary.csv)")
     cmp.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -41,15 +49,15 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     src = emb.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory")
     src.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    src.add_argument("--init", choices=["random", "imagenet"], help="a baseline initialisation")
+    src.add_argument("--init", choices=INITS, help="a baseline initialisation")
     emb.add_argument("--data", required=True, help=data_help)
     emb.add_argument("--task", help="label task where the dataset has several")
-    emb.add_argument("--split", choices=["train", "val", "test"], help="only this split (default: all items)")
+    emb.add_argument("--split", choices=SPLIT_NAMES, help="only this split (default: all items)")
     emb.add_argument("--encoder", help="which encoder of a multi-encoder run")
     emb.add_argument("--backbone", help="backbone of --init (default resnet18)")
     emb.add_argument("--image-size", type=positive_int)
     emb.add_argument("--batch-size", type=positive_int, default=256)
-    emb.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+    emb.add_argument("--device", help=DEVICE_HELP)
     emb.add_argument("--plot", action="store_true", help="also draw a 2D projection (PCA; UMAP if installed)")
     emb.add_argument("--out", required=True, help="output directory")
 
@@ -57,9 +65,10 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     esrc = exp.add_mutually_exclusive_group(required=True)
     esrc.add_argument("--run", help="run directory")
     esrc.add_argument("--checkpoint", help="an exported medssl encoder .safetensors")
-    exp.add_argument("--format", required=True, choices=["timm", "torchvision", "monai"])
+    exp.add_argument("--format", required=True, choices=FORMATS,
+                     help="key layout of the written file")
     exp.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit)")
-    exp.add_argument("--out", required=True, help="output .safetensors file")
+    exp.add_argument("--out", required=True, help="output .safetensors file (never a file of the run itself)")
 
 
 def cmd_compare(a: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl.errors import ConfigError
+from medssl.fileio import atomic_write_text
 
 BASELINES = ("random-init", "imagenet-init")
 
@@ -52,21 +54,20 @@ def _relabel(label: str, run_label: str) -> str:
 def write_summary_csv(summary: list[dict[str, Any]], path: str | Path) -> Path:
     """One line per (encoder, protocol, label fraction): counts and ``<metric>_mean`` / ``<metric>_std``."""
     metrics = list(dict.fromkeys(m for s in summary for m in s["metrics"]))
-    path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["encoder", "protocol", "label_fraction", "n_train", "n_seeds", "seeds"]
-                   + [f"{m}_{k}" for m in metrics for k in ("mean", "std")])
-        for s in summary:
-            cells: list[Any] = [s.get("encoder", ""), s["protocol"], s["label_fraction"], s.get("n_train"),
-                                s["n_seeds"], " ".join(str(x) for x in s["seeds"])]
-            for m in metrics:
-                st = s["metrics"].get(m)
-                for k in ("mean", "std"):
-                    v = None if st is None else st[k]
-                    cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}")
-            w.writerow(cells)
-    return path
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["encoder", "protocol", "label_fraction", "n_train", "n_seeds", "seeds"]
+               + [f"{m}_{k}" for m in metrics for k in ("mean", "std")])
+    for s in summary:
+        cells: list[Any] = [s.get("encoder", ""), s["protocol"], s["label_fraction"], s.get("n_train"),
+                            s["n_seeds"], " ".join(str(x) for x in s["seeds"])]
+        for m in metrics:
+            st = s["metrics"].get(m)
+            for k in ("mean", "std"):
+                v = None if st is None else st[k]
+                cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}")
+        w.writerow(cells)
+    return atomic_write_text(path, f.getvalue())
 
 
 def compare(
@@ -98,34 +99,44 @@ def compare(
         to ``out``.
 
     Raises:
-        ConfigError: nothing to compare, no protocol, or an option evaluate does not take.
+        ConfigError: nothing to compare, no or an unknown protocol, bad fractions / seeds / device / initialisation,
+            or an option evaluate does not take (all checked before the first evaluation).
+        StorageError: ``out`` cannot be a directory.
     """
-    from medssl.api import TRAINING_PROTOCOLS, evaluate
+    from medssl.api import evaluate
+    from medssl.encoders import check_inits, resolve_device
+    from medssl.eval.protocol import check_fractions_and_seeds
+    from medssl.eval.registry import protocol_entry
     from medssl.eval.results import format_table, summarize, write_results
+    from medssl.fileio import ensure_output_dir
 
     if not runs and not inits:
         raise ConfigError("nothing to compare: give run directories and/or --init random|imagenet")
     if not protocols:
         raise ConfigError("give at least one --protocol")
+    entries = [protocol_entry(p) for p in dict.fromkeys(protocols)]
+    check_inits(inits)
+    check_fractions_and_seeds(label_fractions, seeds)
     options = {k: v for k, v in options.items() if v is not None}
     accepted = set(inspect.signature(evaluate).parameters)
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
         raise ConfigError(f"compare: option(s) {unknown} are not evaluation options here")
+    resolve_device(options.get("device"))
     labels = run_labels(runs)
     sources: list[tuple[str, str | Path | None, Sequence[str]]] = [
         (lab, run, inits if i == 0 else ()) for i, (lab, run) in enumerate(zip(labels, runs, strict=True))]
     if not sources:
         sources = [("baselines", None, inits)]
-    out = Path(out)
+    out = ensure_output_dir(out)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for protocol in dict.fromkeys(protocols):
+    for entry in entries:
         for lab, run, its in sources:
-            sub = out / "per_source" / protocol / lab.replace("/", "__").replace(":", "_")
+            sub = out / "per_source" / entry.name / lab.replace("/", "__").replace(":", "_")
             # --epochs is the length of the protocols that train; the feature probes have none
-            opts = options if protocol in TRAINING_PROTOCOLS else {k: v for k, v in options.items() if k != "epochs"}
-            res = evaluate(data, sub, run=run, init=list(its) or None, protocol=protocol,
+            opts = options if entry.trains else {k: v for k, v in options.items() if k != "epochs"}
+            res = evaluate(data, sub, run=run, init=list(its) or None, protocol=entry.name,
                            label_fractions=label_fractions, seeds=seeds, progress=progress, **opts)
             rows += [{**r, "encoder": _relabel(r["encoder"], lab) if run is not None else r["encoder"]}
                      for r in res["rows"]]

@@ -30,7 +30,8 @@ def run_demo(out: str | Path = "runs/demo", *, max_steps: int | None = None) -> 
         resume = (run / "checkpoints" / "last.ckpt").is_file()
         pretrain(config=DEMO_RECIPE, out=run, resume=resume, max_steps=max_steps, force=resume)
     t1 = time.perf_counter()
-    print(f"[demo] pretraining took {t1 - t0:.0f} s; evaluating (linear probe, 1/10/100 % labels, seeds 0,1,2)", flush=True)
+    print(f"[demo] pretraining took {t1 - t0:.0f} s; evaluating (linear probe, 1/10/100 % labels, seeds 0,1,2)",
+          flush=True)
     res = evaluate("phantom2d", out / "eval", run=run, init="random", protocol="linear",
                    label_fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2))
     print()

@@ -9,13 +9,19 @@ label, label_name, patient_id, split``; ``index`` is the dataset position). With
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
+from medssl.data.splits import SPLIT_NAMES
 from medssl.errors import ConfigError
+from medssl.fileio import atomic_write, atomic_write_text, ensure_output_dir
+
+if TYPE_CHECKING:
+    from medssl.encoders import NamedEncoder
 
 PROJECTION_PLOT = "projection.png"
 
@@ -66,6 +72,17 @@ def plot_projection(coords: np.ndarray, labels: list[str], path: str | Path, tit
     return path
 
 
+def _index_csv(ds: Any, idx: np.ndarray) -> str:
+    """``index.csv``: one line per embedded item (row, dataset index, source, label, label name, patient, split)."""
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["row", "index", "source", "label", "label_name", "patient_id", "split"])
+    for row, i in enumerate(idx.tolist()):
+        lab, name = _label_text(ds, i)
+        w.writerow([row, i, ds.sources[i], lab, name, ds.patient_ids[i], ds.splits[i]])
+    return f.getvalue()
+
+
 def _label_text(ds: Any, i: int) -> tuple[str, str]:
     if ds.labels is None:
         return "", ""
@@ -77,29 +94,20 @@ def _label_text(ds: Any, i: int) -> tuple[str, str]:
 
 
 def _pick_encoder(data: str, *, run: str | Path | None, checkpoint: str | Path | None, init: str | None,
-                  encoder: str | None, backbone: str | None, image_size: int | None, task: str | None):
-    from medssl.api import _checkpoint_encoders, _init_encoders, _run_encoders
-    from medssl.config import DataConfig, build_dataclass
+                  encoder: str | None, backbone: str | None, image_size: int | None,
+                  task: str | None) -> tuple[NamedEncoder, Any, dict[str, Any]]:
+    """The one encoder to embed with, the dataset and the run's config mapping."""
     from medssl.data.specs import open_from_config
+    from medssl.encoders import check_inits, data_config, init_encoders, source_encoders
 
     if sum(x is not None for x in (run, checkpoint, init)) != 1:
         raise ConfigError("embed needs exactly one of --run DIR, --checkpoint FILE or --init random|imagenet")
-    run_cfg: dict[str, Any] = {}
-    found: list[tuple[str, Any]] = []
-    if run is not None:
-        found, run_cfg = _run_encoders(Path(run), encoder)
-    elif checkpoint is not None:
-        found = _checkpoint_encoders(Path(checkpoint))
-        if encoder is not None:
-            found = [(n, e) for n, e in found if n.endswith(f":{encoder}")] or found
-    data_cfg = run_cfg.get("data", {}) or {}
-    section = {k: v for k, v in data_cfg.items() if k in ("intensity", "cache", "cache_dir")}
-    dcfg = build_dataclass(DataConfig, {**section, "spec": data, "image_size": image_size or data_cfg.get("image_size"),
-                                        "task": task}, where="data")
-    ds = open_from_config(dcfg)
     if init is not None:
-        model_cfg = run_cfg.get("model", {}) or {}
-        found, skipped = _init_encoders([init], ds, backbone or "resnet18", "default", model_cfg)
+        check_inits([init])
+    found, run_cfg = source_encoders(run, checkpoint, encoder)
+    ds = open_from_config(data_config(data, run_cfg, image_size=image_size, task=task))
+    if init is not None:
+        found, skipped = init_encoders([init], ds, backbone or "resnet18", "default", {})
         if not found:
             raise ConfigError("; ".join(skipped))
     if len(found) > 1:
@@ -135,35 +143,32 @@ def embed(
 
     Returns:
         ``{"encoder", "features", "index", "plot", "shape"}``.
-    """
-    import torch
 
+    Raises:
+        ConfigError: not exactly one source, an unknown split / encoder / device, or several encoders and none
+            chosen. CheckpointError, DataError, StorageError: an unreadable source or dataset, or an ``out`` that
+            cannot be a directory.
+    """
+    from medssl.encoders import resolve_device
     from medssl.eval.features import extract_features
 
+    if split is not None and split not in SPLIT_NAMES:
+        raise ConfigError(f"--split {split}: expected train, val or test")
+    dev = resolve_device(device)
+    out = ensure_output_dir(out)
     (label, enc), ds, _ = _pick_encoder(data, run=run, checkpoint=checkpoint, init=init, encoder=encoder,
                                         backbone=backbone, image_size=image_size, task=task)
-    if split is not None and split not in ("train", "val", "test"):
-        raise ConfigError(f"--split {split}: expected train, val or test")
     idx = np.arange(len(ds)) if split is None else np.asarray(ds.indices(split), dtype=np.int64)
     if idx.size == 0:
         raise ConfigError(f"data {data}: no items{'' if split is None else f' in split {split}'}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     feats = extract_features(enc, ds, idx, batch_size=batch_size, device=dev)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "features.npy", feats.astype(np.float32, copy=False))
-    names: list[str] = []
-    with open(out / "index.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "index", "source", "label", "label_name", "patient_id", "split"])
-        for row, i in enumerate(idx.tolist()):
-            lab, name = _label_text(ds, i)
-            names.append(name)
-            w.writerow([row, i, ds.sources[i], lab, name, ds.patient_ids[i], ds.splits[i]])
+    atomic_write(out / "features.npy", lambda f: np.save(f, feats.astype(np.float32, copy=False)))
+    names = [_label_text(ds, i)[1] for i in idx.tolist()]
+    atomic_write_text(out / "index.csv", _index_csv(ds, idx))
     info = {"encoder": label, "data": data, "task": ds.task, "split": split or "all", "n": int(feats.shape[0]),
             "dim": int(feats.shape[1]), "run": str(run) if run else None,
             "checkpoint": str(checkpoint) if checkpoint else None, "init": init}
-    (out / "embed.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+    atomic_write_text(out / "embed.yaml", yaml.safe_dump(info, sort_keys=False))
     plot_path = None
     if plot:
         coords, how = project_2d(feats)

@@ -21,18 +21,26 @@ Supported pairs:
 
 from __future__ import annotations
 
-import os
+import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors.torch as st
 import torch
 
 import medssl
+from medssl.encoders import (
+    load_tensors,
+    meta_int,
+    meta_value,
+    read_metadata,
+    require_medssl_metadata,
+    run_encoder_file,
+)
 from medssl.errors import CheckpointError, ConfigError
-from medssl.export import read_metadata
+from medssl.export import write_safetensors
+from medssl.fileio import check_output_file
 
-FORMATS = ("timm", "torchvision", "monai")
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MONAI_RESNETS = {"resnet10_3d": "resnet10", "resnet18_3d": "resnet18", "resnet34_3d": "resnet34"}
 SUPPORTED = ("timm: any 2D timm backbone; torchvision: 2D " + "/".join(TORCHVISION_RESNETS)
@@ -49,40 +57,11 @@ class ExportedWeights:
     notes: list[str] = field(default_factory=list)
 
 
-def run_encoder_file(run: str | Path, encoder: str | None = None) -> Path:
-    """The ``encoder*.safetensors`` of a run directory (``encoder`` picks one of a multi-encoder run).
-
-    Raises:
-        CheckpointError: no run directory or no encoder file.
-        ConfigError: several encoders and none chosen, or an unknown choice.
-    """
-    run = Path(run)
-    if not run.is_dir():
-        raise CheckpointError(f"run directory {run}: not found")
-    files = sorted(run.glob("encoder*.safetensors"))
-    if not files:
-        raise CheckpointError(f"run directory {run}: no encoder*.safetensors (did the run finish?)")
-    names = {f.stem.removeprefix("encoder").lstrip("_") or "backbone": f for f in files}
-    if encoder is None:
-        if len(files) > 1:
-            raise ConfigError(f"run {run} has several encoders ({', '.join(names)}); choose one with --encoder NAME")
-        return files[0]
-    if encoder not in names:
-        raise ConfigError(f"run {run} has no encoder '{encoder}' (has: {', '.join(names)})")
-    return names[encoder]
-
-
-def _meta_int(meta: dict[str, str], key: str) -> int | None:
-    v = meta.get(key)
-    return None if v in (None, "", "None") else int(v)
-
-
 def _timm_call(meta: dict[str, str]) -> str:
     from medssl.nn.backbones import timm_kwargs
 
-    kwargs = timm_kwargs(meta["model_name"], in_chans=int(meta["in_chans"]), image_size=_meta_int(meta, "image_size"),
-                         patch_size=_meta_int(meta, "patch_size"),
-                         global_pool=meta.get("global_pool") if meta.get("global_pool") not in (None, "None") else None)
+    kwargs = timm_kwargs(meta["model_name"], in_chans=int(meta["in_chans"]), image_size=meta_int(meta, "image_size"),
+                         patch_size=meta_int(meta, "patch_size"), global_pool=meta_value(meta, "global_pool"))
     args = ", ".join([repr(meta["model_name"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
     return f"timm.create_model({args})"
 
@@ -91,7 +70,10 @@ def _load_tail(path: Path) -> str:
     return f"model.load_state_dict(st.load_file({str(path)!r})); model.eval()"
 
 
-def _to_timm(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+State = dict[str, torch.Tensor]
+
+
+def _to_timm(meta: dict[str, str], state: State, path: Path) -> tuple[State, str]:
     if int(meta.get("spatial_dims", 2)) != 2:
         raise ConfigError(f"--format timm: {meta['model_name']} is a 3D backbone and timm has no 3D models; "
                           f"supported pairs: {SUPPORTED}")
@@ -103,7 +85,7 @@ def _to_timm(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -
     return state, "; ".join(parts + [_load_tail(path)])
 
 
-def _to_torchvision(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _to_torchvision(meta: dict[str, str], state: State, path: Path) -> tuple[State, str]:
     name = meta["model_name"]
     if int(meta.get("spatial_dims", 2)) != 2 or name not in TORCHVISION_RESNETS:
         raise ConfigError(f"--format torchvision: no torchvision counterpart for {name} "
@@ -127,7 +109,7 @@ def _to_torchvision(meta: dict[str, str], state: dict[str, torch.Tensor], path: 
     return state, "; ".join(parts + [_load_tail(path)])
 
 
-def _to_monai(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _to_monai(meta: dict[str, str], state: State, path: Path) -> tuple[State, str]:
     name = meta["model_name"]
     if int(meta.get("spatial_dims", 2)) == 3 and name not in MONAI_RESNETS and f"{name}_3d" in MONAI_RESNETS:
         name = f"{name}_3d"
@@ -143,7 +125,50 @@ def _to_monai(meta: dict[str, str], state: dict[str, torch.Tensor], path: Path) 
     return state, "; ".join(["import monai, safetensors.torch as st", f"model = {call}", _load_tail(path)])
 
 
-_CONVERTERS = {"timm": _to_timm, "torchvision": _to_torchvision, "monai": _to_monai}
+_CONVERTERS: dict[str, Callable[[dict[str, str], State, Path], tuple[State, str]]] = {
+    "timm": _to_timm, "torchvision": _to_torchvision, "monai": _to_monai}
+
+FORMATS = tuple(_CONVERTERS)
+"""The layouts ``medssl export --format`` writes."""
+
+RUN_FILES = ("encoder*.safetensors", "whitening*.safetensors", "config.yaml", "metrics.csv", "splits.csv",
+             "skipped.csv", "report.html", "checkpoints/*", "reconstructions/*", "events*")
+"""Names (globs, relative to a run directory) of the files a run writes, existing or not yet."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def owned_by(out: str | Path, source: Path, run: Path | None) -> Path | None:
+    """The file of the export's source that writing ``out`` would overwrite, or ``None``.
+
+    ``out`` is such a file when it resolves (``..`` and symbolic links followed) to the source encoder file, to
+    any existing file inside the run directory ``run``, or to a name a run writes there (:data:`RUN_FILES`). The
+    file is returned as ``run / relative path`` (or ``source``).
+    """
+    target = Path(out).resolve()
+    if target == source.resolve():
+        return source
+    if run is None:
+        return None
+    root = run.resolve()
+    if not _inside(target, root):
+        return None
+    rel = target.relative_to(root)
+    if target.exists() or any(fnmatch.fnmatchcase(rel.as_posix(), pattern) for pattern in RUN_FILES):
+        return run / rel
+    return None
+
+
+def _source(run: str | Path | None, encoder_file: str | Path | None, encoder: str | None) -> tuple[Path, Path | None]:
+    """The encoder file to export and the run directory it belongs to (``None`` for a file outside a run)."""
+    if (run is None) == (encoder_file is None):
+        raise ConfigError("export needs exactly one of --run DIR or --checkpoint encoder.safetensors")
+    if run is not None:
+        return run_encoder_file(run, encoder), Path(run)
+    src = Path(encoder_file)  # type: ignore[arg-type]
+    return src, (src.parent if (src.parent / "config.yaml").is_file() else None)
 
 
 def export_weights(
@@ -163,34 +188,35 @@ def export_weights(
         The file written and the one-line snippet that loads it (strict) into the target library's model.
 
     Raises:
-        ConfigError: unknown format or an unsupported (backbone, format) pair, naming the supported ones.
-        CheckpointError: missing run / encoder file.
+        ConfigError: unknown format, an unsupported (backbone, format) pair (naming the supported ones), or an
+            ``out`` that is a file of the source run (its encoder, config, checkpoints ..., see :func:`owned_by`).
+        CheckpointError: missing or unreadable run / encoder file.
+        StorageError: the disk refused the write.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    if (run is None) == (encoder_file is None):
-        raise ConfigError("export needs exactly one of --run DIR or --checkpoint encoder.safetensors")
-    src = run_encoder_file(run, encoder) if run is not None else Path(encoder_file)  # type: ignore[arg-type]
+    src, run_dir = _source(run, encoder_file, encoder)
     meta = read_metadata(src)
-    for key in ("model_name", "in_chans"):
-        if key not in meta:
-            raise CheckpointError(f"encoder file {src}: metadata lacks '{key}' (not exported by medssl?)")
+    require_medssl_metadata(meta, src)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: expected a .safetensors file name")
-    state = st.load_file(str(src))
-    state, snippet = _CONVERTERS[fmt](meta, state, out)
+    owned = owned_by(out, src, run_dir)
+    if owned is not None:
+        where = f"of run {run_dir}" if run_dir is not None else "being exported"
+        same = "" if str(owned) == str(out) else f" (that is {owned})"
+        raise ConfigError(f"--out {out}{same}: a file {where} must not be overwritten; export to a path outside "
+                          "the run directory")
+    check_output_file(out)
+    state, snippet = _CONVERTERS[fmt](meta, load_tensors(src), out)
     notes = []
     if meta.get("whitening"):
-        notes.append(f"the encoder ends with a whitening layer ({meta['whitening']} next to {src.name}); it is not part "
-                     "of the exported backbone: apply it as torch.nn.Linear(d, d) loaded from that file")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        notes.append(f"the encoder ends with a whitening layer ({meta['whitening']} next to {src.name}); it is not "
+                     "part of the exported backbone: apply it as torch.nn.Linear(d, d) loaded from that file")
     metadata = {"format": fmt, "source": str(src), "medssl_version": medssl.__version__,
                 "model_name": meta["model_name"], "in_chans": meta["in_chans"],
                 "input": "normalised images: (x - 0.5) / 0.5 of [0, 1] inputs", "load": snippet}
-    tmp = out.with_name(f".{out.name}.tmp")
-    st.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    write_safetensors(out, state, metadata)
     return ExportedWeights(out, fmt, snippet, notes)
 
 

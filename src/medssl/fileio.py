@@ -89,6 +89,47 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def _file_parent(path: Path) -> Path | None:
+    """The nearest existing parent of ``path`` that is not a directory, if any."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """Check, before any work is done, that the output file ``path`` can be written: it is not a directory and
+    no parent of it is a file.
+
+    Raises:
+        StorageError: naming ``flag``, the path and the problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise StorageError(f"{flag} {path}: is a directory; give a file name")
+    parent = _file_parent(path)
+    if parent is not None:
+        raise StorageError(f"{flag} {path}: {parent} is a file, not a directory")
+    return path
+
+
+def ensure_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create the output directory ``path`` (and its parents) before any work is done, or say why it cannot be.
+
+    Raises:
+        StorageError: ``path`` is an existing file, a parent of it is a file, or the disk refused (read-only file
+            system, no permission); the message names ``flag`` and the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{flag} {path}: is a file, not a directory")
+    parent = _file_parent(path)
+    if parent is not None:
+        raise StorageError(f"{flag} {path}: {parent} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{flag} {path}: cannot create the directory: {describe_os_error(e)}") from None
+    return path
+
+
 def remove_stale_temps(directory: str | Path, name: str | None = None) -> list[Path]:
     """Delete temporary files :func:`atomic_write` left in ``directory`` when its process was killed.
 

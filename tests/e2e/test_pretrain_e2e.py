@@ -124,10 +124,9 @@ def test_resume_refuses_changed_config(tmp_path):
 
 
 def test_evaluate_from_training_checkpoint_matches_exported_encoder(trained, tmp_path):
-    from medssl.api import _checkpoint_encoders
-    from medssl.export import load_encoder
+    from medssl.encoders import checkpoint_encoders, load_encoder
 
-    (_, from_ckpt), = _checkpoint_encoders(trained / "checkpoints" / "last.ckpt")
+    (_, from_ckpt), = checkpoint_encoders(trained / "checkpoints" / "last.ckpt")
     exported = load_encoder(trained / "encoder.safetensors")
     x = torch.rand(3, 1, 32, 32)
     with torch.no_grad():
@@ -135,7 +134,7 @@ def test_evaluate_from_training_checkpoint_matches_exported_encoder(trained, tmp
 
 
 def test_cifar_stem_export_rebuilds(tmp_path):
-    from medssl.export import load_encoder, read_metadata
+    from medssl.encoders import load_encoder, read_metadata
 
     run = pretrain("mocov2", data="phantom2d:64", out=tmp_path / "c", image_size=32, batch_size=16, max_steps=1,
                    progress=False, overrides=["method.queue_size=32", "model.stem=cifar"])
@@ -156,7 +155,7 @@ def test_cifar_stem_export_rebuilds(tmp_path):
 
 def test_3d_pretrain_and_evaluate_on_phantom3d(tmp_path):
     from medssl.api import evaluate
-    from medssl.export import load_encoder
+    from medssl.encoders import load_encoder
 
     run = pretrain("mocov2", data="phantom3d:64", out=tmp_path / "v", batch_size=8, max_steps=2, progress=False,
                    overrides=["method.queue_size=16", "model.backbone=resnet10_3d", "views.flip_axes=[-1,-2,-3]"])

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from medssl.encoders import random_encoder
 from medssl.errors import ConfigError
 from medssl.eval.images import ImageTask, lr_groups, torch_threads
 from medssl.eval.metrics import BINARY_METRIC_NAMES, METRIC_NAMES
 from medssl.eval.protocol import PROTOCOLS, SUBSET_DETERMINED, run_protocol
-from medssl.export import random_encoder
 from tests.eval._image_data import TinyImages
 
 

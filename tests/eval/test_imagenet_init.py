@@ -9,10 +9,10 @@ import safetensors.torch as st
 import timm
 import torch
 
-import medssl.export as export
+import medssl.encoders as encoders
 from medssl.api import evaluate
+from medssl.encoders import IMAGENET_WEIGHTS_ENV, WeightsUnavailable, imagenet_encoder
 from medssl.errors import CheckpointError
-from medssl.export import IMAGENET_WEIGHTS_ENV, WeightsUnavailable, imagenet_encoder
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(builder, "load_state_dict_from_hf", refuse)
     monkeypatch.setattr(builder, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(export, "_cached_imagenet_file", lambda name: None)
+    monkeypatch.setattr(encoders, "_cached_imagenet_file", lambda name: None)
     monkeypatch.delenv(IMAGENET_WEIGHTS_ENV, raising=False)
 
 
@@ -52,13 +52,13 @@ def test_local_weights_file_loads_and_adapts_one_channel(tmp_path, monkeypatch, 
 
 
 def test_offline_without_cache_is_a_clear_skip(monkeypatch, no_network):
-    monkeypatch.setattr(export, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(encoders, "_hub_reachable", lambda *a, **k: False)
     with pytest.raises(WeightsUnavailable, match="imagenet weights unavailable offline: resnet18 is not in the"):
         imagenet_encoder("resnet18", in_chans=1, image_size=32)
 
 
 def test_download_failure_is_a_clear_skip(monkeypatch, no_network):
-    monkeypatch.setattr(export, "_hub_reachable", lambda *a, **k: True)  # the download itself then fails
+    monkeypatch.setattr(encoders, "_hub_reachable", lambda *a, **k: True)  # the download itself then fails
     with pytest.raises(WeightsUnavailable, match="imagenet weights unavailable offline: OSError: .*mocked"):
         imagenet_encoder("resnet18", in_chans=1, image_size=32)
 
@@ -70,7 +70,7 @@ def test_missing_weights_file_names_it(tmp_path, monkeypatch, no_network):
 
 
 def test_evaluate_skips_imagenet_offline_and_keeps_random(tmp_path, monkeypatch, capsys, no_network):
-    monkeypatch.setattr(export, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(encoders, "_hub_reachable", lambda *a, **k: False)
     res = evaluate("phantom2d:80", tmp_path / "ev", init=["random", "imagenet"], image_size=16, backbone="resnet18",
                    protocol="knn", label_fractions=[1.0], seeds=[0], progress=False, device="cpu")
     assert {r["encoder"] for r in res["rows"]} == {"random-init"}

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medssl.encoders import random_encoder
 from medssl.errors import ConfigError
 from medssl.eval.images import ImageTask
 from medssl.eval.metrics import dice_jaccard, segmentation_metrics_with_notes
 from medssl.eval.protocol import run_protocol
 from medssl.eval.segment import dice_ce_loss
-from medssl.export import random_encoder
 from medssl.nn.segmentation import SegmentationNet
 from tests.eval._image_data import TinyImages
 

@@ -236,7 +236,7 @@ def test_both_encoders_load_strictly_into_fresh_timm_models(run):
 
 
 def test_load_encoder_rebuilds_both_from_metadata(run):
-    from medssl.export import load_encoder, read_metadata
+    from medssl.encoders import load_encoder, read_metadata
 
     meta = read_metadata(run / "encoder_vit.safetensors")
     assert meta["model_name"] == "vit_tiny_patch16_224" and meta["image_size"] == "32" and meta["in_chans"] == "1"
@@ -260,10 +260,9 @@ def test_evaluate_both_encoders_into_one_table_or_one(run, tmp_path):
 
 
 def test_training_checkpoint_gives_both_encoders(run):
-    from medssl.api import _checkpoint_encoders
-    from medssl.export import load_encoder
+    from medssl.encoders import checkpoint_encoders, load_encoder
 
-    encs = dict(_checkpoint_encoders(run / "checkpoints" / "last.ckpt"))
+    encs = dict(checkpoint_encoders(run / "checkpoints" / "last.ckpt"))
     assert set(encs) == {"cass@2:cnn", "cass@2:vit"}
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():

@@ -152,7 +152,8 @@ def test_exported_backbone_is_plain_timm_2d() -> None:
 
 
 def test_exported_backbone_is_plain_resnet3d(tmp_path) -> None:
-    from medssl.export import export_encoders, load_encoder
+    from medssl.encoders import load_encoder
+    from medssl.export import export_encoders
 
     method = _method(3, size=16, mask_patch_size=4)
     method.training_step({"image": torch.rand(2, 1, 16, 16, 16, generator=_gen(9))})

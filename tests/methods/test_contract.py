@@ -25,8 +25,9 @@ import torch
 from medssl.api import make_config
 from medssl.data.highres import HighResDataset
 from medssl.data.phantoms import PhantomDataset
+from medssl.encoders import load_encoder, read_metadata
 from medssl.errors import ConfigError
-from medssl.export import export_encoders, load_encoder, read_metadata
+from medssl.export import export_encoders
 from medssl.methods import METHODS, DataInfo, Method, MethodConfig, ViewSpec, build_method
 from medssl.nn.backbones import Encoder
 

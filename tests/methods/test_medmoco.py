@@ -12,8 +12,9 @@ import timm
 import torch
 
 from medssl.config import build_config
+from medssl.encoders import load_encoder
 from medssl.errors import ConfigError
-from medssl.export import export_encoders, load_encoder
+from medssl.export import export_encoders
 from medssl.methods import DataInfo, build_method, get_method, method_table
 from medssl.methods.medmoco import MedMoCo
 from medssl.methods.mocov2 import MoCoV2

@@ -13,8 +13,9 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from medssl.api import make_config
+from medssl.encoders import load_encoder
 from medssl.errors import ConfigError
-from medssl.export import export_encoders, load_encoder
+from medssl.export import export_encoders
 from medssl.methods import DataInfo, build_method
 from medssl.nn.attention import NystromAttention, iterative_pinv, transformer_block
 from medssl.nn.masked_vit import (

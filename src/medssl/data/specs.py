@@ -1,11 +1,16 @@
 """Data spec strings: one string names a dataset on the command line and in recipes.
 
 >>> ds = open_dataset("phantom2d:200", image_size=32)   # doctest: +SKIP
+
+A spec is ``PREFIX`` or ``PREFIX:ARG``; each prefix is an opener registered with :func:`register_spec`, which also
+carries its syntax and help. The command line's ``--data`` help (:func:`spec_help`) and the list of valid specs in
+every error (:func:`valid_specs`) are generated from the registry: adding a dataset is one registered opener.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +23,68 @@ from .folder import FolderDataset
 from .npz import NpzDataset
 from .phantoms import PHANTOM2D_DEFAULT_N, PHANTOM3D_DEFAULT_N, PhantomDataset
 
-SPEC_HELP: str = (
-    "Data spec: 'phantom2d[:N]' (built-in synthetic mammography-like 64x64 patches, default N="
-    f"{PHANTOM2D_DEFAULT_N}; tasks margin (4 classes, default) and pathology; lesion masks), "
-    f"'phantom3d[:N]' (built-in synthetic 32^3 gland volumes, default N={PHANTOM3D_DEFAULT_N}; task lesion; "
-    "lesion masks), 'npz:PATH' (MedMNIST-layout .npz with train/val/test _images and _labels), or "
-    "'folder:DIR' (PNG/JPEG/TIFF/BMP images found recursively; class = top-level sub-folder name if "
-    "there are sub-folders, else unlabelled; padded to square and resized to 224 unless --image-size "
-    "is given), 'csv:FILE.csv' (manifest: 'path' relative to the CSV, optional 'label' or 'label:<name>' "
-    "0/1 columns, 'patient_id', 'split'; PNG/JPEG/TIFF, DICOM, NIfTI, MHA/NRRD; 2D resized to 224, 3D to "
-    "64 by default), 'volumes:FILE.csv' (the same for 3D files only), 'isic2017:ROOT' (ISIC 2017 "
-    "release folders; tasks melanoma (default) and seborrheic_keratosis; lesion masks), 'cbis-ddsm:ROOT[@roi]' "
-    "(CBIS-DDSM TCIA tree + case CSVs; full mammograms or @roi lesion crops; tasks pathology (default), "
-    "pathology4, mass_margins (multi-label)), or 'medmnist:NAME[@SIZE]' (MedMNIST v2 by name, from ~/.medmnist "
-    "or downloaded by the medmnist package). Splits are patient-level 70/10/20 unless the source defines them (npz keys). The "
-    "phantoms are synthetic test data, not a substitute for real images."
-)
 
-_VALID = ("phantom2d[:N], phantom3d[:N], npz:PATH, medmnist:NAME[@SIZE], folder:DIR, csv:FILE.csv, volumes:FILE.csv, "
-          "isic2017:ROOT, cbis-ddsm:ROOT[@roi]")
+@dataclass(frozen=True)
+class SpecEntry:
+    """A registered data spec prefix.
+
+    Attributes:
+        name: the prefix (``npz`` in ``npz:PATH``).
+        opener: ``opener(spec, arg, image_size, task, seed[, intensity=...]) -> ImageDataset``; ``arg`` is the text
+            after the first ``:`` (``None`` without one).
+        syntax: how the spec is written (``npz:PATH``), listed in errors and in the help.
+        help: what it opens, for the command line's ``--data`` help.
+        takes_intensity: the opener takes ``intensity=`` (an :class:`~medssl.data.readers.IntensityConfig`: files
+            whose values need windowing, such as DICOM / NIfTI / MHA).
+    """
+
+    name: str
+    opener: Callable[..., ImageDataset]
+    syntax: str
+    help: str
+    takes_intensity: bool = False
+
+
+SPECS: dict[str, SpecEntry] = {}
+"""Every registered data spec by prefix, in registration order (:func:`register_spec`)."""
+
+SPEC_NOTES = ("Splits are patient-level 70/10/20 unless the source defines them (npz keys). The phantoms are "
+              "synthetic test data, not a substitute for real images.")
+
+
+Opener = Callable[..., ImageDataset]
+
+
+def register_spec(name: str, *, help: str, syntax: str | None = None,
+                  takes_intensity: bool = False) -> Callable[[Opener], Opener]:
+    """Decorator registering an opener for the data spec prefix ``name`` (see :class:`SpecEntry`).
+
+    The ``--data`` help (:func:`spec_help`) and the list of valid specs in every error are generated from the
+    registered entries, so a new dataset is one registered opener.
+
+    Raises:
+        DataError: ``name`` is already registered or is not a lower-case prefix without ``:``.
+    """
+    if name != name.lower() or ":" in name or not name:
+        raise DataError(f"data spec prefix {name!r}: must be non-empty, lower case and without ':'")
+
+    def decorator(opener: Opener) -> Opener:
+        if name in SPECS:
+            raise DataError(f"data spec {name!r} is already registered")
+        SPECS[name] = SpecEntry(name, opener, syntax or f"{name}:PATH", help, takes_intensity)
+        return opener
+
+    return decorator
+
+
+def valid_specs() -> str:
+    """How every registered spec is written, comma-separated (``phantom2d[:N], npz:PATH, ...``)."""
+    return ", ".join(e.syntax for e in SPECS.values())
+
+
+def spec_help() -> str:
+    """The ``--data`` help: every registered spec with what it opens, then the notes on splits and phantoms."""
+    return ("Data spec: " + ", ".join(f"'{e.syntax}' ({e.help})" for e in SPECS.values()) + ". " + SPEC_NOTES)
 
 
 def _parse_count(spec: str, text: str) -> int:
@@ -46,7 +94,7 @@ def _parse_count(spec: str, text: str) -> int:
         n = 0
     if n < 1 or not text.strip().isdigit():
         raise DataError(
-            f"bad data spec {spec!r}: N must be a positive integer, got {text!r} (valid: {_VALID})"
+            f"bad data spec {spec!r}: N must be a positive integer, got {text!r} (valid: {valid_specs()})"
         )
     return n
 
@@ -67,18 +115,31 @@ def _open_phantom(kind: str) -> Callable[[str, str | None, int | None, str | Non
     return opener
 
 
+register_spec("phantom2d", syntax="phantom2d[:N]", help=(
+    f"built-in synthetic mammography-like 64x64 patches, default N={PHANTOM2D_DEFAULT_N}; tasks margin "
+    "(4 classes, default) and pathology; lesion masks"))(_open_phantom("phantom2d"))
+register_spec("phantom3d", syntax="phantom3d[:N]", help=(
+    f"built-in synthetic 32^3 gland volumes, default N={PHANTOM3D_DEFAULT_N}; task lesion; lesion masks"))(
+    _open_phantom("phantom3d"))
+
+
 def _require_arg(spec: str, arg: str | None, what: str) -> Path:
     if not arg:
-        raise DataError(f"bad data spec {spec!r}: {what} is missing (valid: {_VALID})")
+        raise DataError(f"bad data spec {spec!r}: {what} is missing (valid: {valid_specs()})")
     return Path(arg).expanduser()
 
 
+@register_spec("npz", syntax="npz:PATH",
+               help="MedMNIST-layout .npz with train/val/test _images and _labels")
 def _open_npz(
     spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
 ) -> ImageDataset:
     return NpzDataset(_require_arg(spec, arg, "PATH"), image_size=image_size, task=task, name=spec)
 
 
+@register_spec("folder", syntax="folder:DIR", help=(
+    "PNG/JPEG/TIFF/BMP images found recursively; class = top-level sub-folder name if there are sub-folders, "
+    "else unlabelled; padded to square and resized to 224 unless --image-size is given"))
 def _open_folder(
     spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
 ) -> ImageDataset:
@@ -88,6 +149,8 @@ def _open_folder(
 
 
 def _open_manifest(require_3d: bool) -> Callable[..., ImageDataset]:
+    """The opener of ``csv:`` (any image or volume file) or ``volumes:`` (3D files only) manifests."""
+
     def opener(
         spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, intensity: Any = None
     ) -> ImageDataset:
@@ -101,6 +164,15 @@ def _open_manifest(require_3d: bool) -> Callable[..., ImageDataset]:
     return opener
 
 
+register_spec("csv", syntax="csv:FILE.csv", takes_intensity=True, help=(
+    "manifest: 'path' relative to the CSV, optional 'label' or 'label:<name>' 0/1 columns, 'patient_id', 'split'; "
+    "PNG/JPEG/TIFF, DICOM, NIfTI, MHA/NRRD; 2D resized to 224, 3D to 64 by default"))(_open_manifest(require_3d=False))
+register_spec("volumes", syntax="volumes:FILE.csv", takes_intensity=True,
+              help="the same for 3D files only")(_open_manifest(require_3d=True))
+
+
+@register_spec("isic2017", syntax="isic2017:ROOT", help=(
+    "ISIC 2017 release folders; tasks melanoma (default) and seborrheic_keratosis; lesion masks"))
 def _open_isic2017(
     spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
 ) -> ImageDataset:
@@ -109,6 +181,9 @@ def _open_isic2017(
     return Isic2017Dataset(_require_arg(spec, arg, "ROOT"), image_size=image_size, task=task, name=spec)
 
 
+@register_spec("cbis-ddsm", syntax="cbis-ddsm:ROOT[@roi]", takes_intensity=True, help=(
+    "CBIS-DDSM TCIA tree + case CSVs; full mammograms or @roi lesion crops; tasks pathology (default), pathology4, "
+    "mass_margins (multi-label)"))
 def _open_cbis(
     spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, intensity: Any = None
 ) -> ImageDataset:
@@ -122,6 +197,8 @@ def _open_cbis(
                            name=spec)
 
 
+@register_spec("medmnist", syntax="medmnist:NAME[@SIZE]", help=(
+    "MedMNIST v2 by name, from ~/.medmnist or downloaded by the medmnist package"))
 def _open_medmnist(
     spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
 ) -> ImageDataset:
@@ -130,37 +207,20 @@ def _open_medmnist(
     return open_medmnist(spec, arg, image_size, task)
 
 
-_TAKES_INTENSITY = {"csv", "volumes", "cbis-ddsm"}
-_OPENERS: dict[str, Callable[..., ImageDataset]] = {
-    "phantom2d": _open_phantom("phantom2d"),
-    "phantom3d": _open_phantom("phantom3d"),
-    "npz": _open_npz,
-    "folder": _open_folder,
-    "csv": _open_manifest(require_3d=False),
-    "volumes": _open_manifest(require_3d=True),
-    "isic2017": _open_isic2017,
-    "cbis-ddsm": _open_cbis,
-    "medmnist": _open_medmnist,
-}
-
-
 def open_dataset(
     spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None
 ) -> ImageDataset:
     """Opens the dataset a spec string names.
 
     Args:
-        spec: ``"phantom2d"``, ``"phantom2d:N"``, ``"phantom3d"``, ``"phantom3d:N"``, ``"npz:PATH"``,
-            ``"folder:DIR"``, ``"csv:FILE.csv"``, ``"volumes:FILE.csv"`` or ``"isic2017:ROOT"`` (see
-            :data:`SPEC_HELP`).
-        image_size: Side length of the items; ``None`` for the dataset's native size (phantom2d 64,
-            phantom3d 32, npz its stored size, folder, csv and isic2017 224,
-            volumes 64). Phantoms are rendered at that size, files
-            are resized.
+        spec: ``PREFIX`` or ``PREFIX:ARG`` with a prefix registered in :data:`SPECS` (:func:`spec_help` lists them
+            with what they open: ``phantom2d[:N]``, ``npz:PATH``, ``folder:DIR``, ``csv:FILE.csv`` ...).
+        image_size: Side length of the items; ``None`` for the dataset's native size (given in the spec's help).
+            Phantoms are rendered at that size, files are resized.
         task: Labelling task for datasets with several (``None``: the default task).
         seed: Seed of the phantom generator and of patient-level splits (npz splits come from the file).
-        intensity: :class:`~medssl.data.readers.IntensityConfig` for datasets read from DICOM / NIfTI / MHA
-            files (``csv:``, ``volumes:``, ``cbis-ddsm:``); ``None`` = ``auto``.
+        intensity: :class:`~medssl.data.readers.IntensityConfig` for the specs registered with
+            ``takes_intensity=True`` (files read from DICOM / NIfTI / MHA); ``None`` = ``auto``.
 
     Returns:
         The dataset, with ``name == spec``.
@@ -170,19 +230,19 @@ def open_dataset(
             with a message listing what is valid.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"empty data spec; valid: {_VALID}")
+        raise DataError(f"empty data spec; valid: {valid_specs()}")
     spec = spec.strip()
     if image_size is not None and not _is_positive_int(image_size):
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     prefix, sep, arg = spec.partition(":")
     prefix = prefix.lower()
-    if prefix not in _OPENERS:
-        raise DataError(f"unknown data spec {spec!r}; valid: {_VALID}")
-    opener = _OPENERS[prefix]
+    if prefix not in SPECS:
+        raise DataError(f"unknown data spec {spec!r}; valid: {valid_specs()}")
+    entry = SPECS[prefix]
     args = (spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
-    if prefix in _TAKES_INTENSITY:
-        return opener(*args, intensity=intensity)
-    return opener(*args)
+    if entry.takes_intensity:
+        return entry.opener(*args, intensity=intensity)
+    return entry.opener(*args)
 
 
 def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
@@ -206,3 +266,7 @@ def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
     if use_cache:
         ds.enable_cache(Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir())
     return ds
+
+
+SPEC_HELP: str = spec_help()
+"""The ``--data`` help of the built-in specs (:func:`spec_help` includes specs registered later too)."""

@@ -23,7 +23,8 @@ from medssl.errors import ConfigError
 from medssl.eval.bootstrap import DEFAULT_N_BOOT
 from medssl.eval.images import ImageTask, augment, fit, lr_groups, torch_threads
 from medssl.eval.metrics import classification_metrics
-from medssl.eval.protocol import ProtocolOutput, register_protocol, score_classification
+from medssl.eval.protocol import ProtocolOutput, score_classification
+from medssl.eval.registry import register_protocol
 from medssl.losses.focal import balanced_class_weights, sigmoid_focal_loss
 
 LOSSES = ("ce", "focal")
@@ -67,7 +68,8 @@ def predict_probs(model: nn.Module, task: ImageTask, split: str, positions: np.n
     return np.concatenate(out).astype(np.float64)
 
 
-@register_protocol("finetune")
+@register_protocol("finetune", inputs="images", needs_labels=True, deterministic=False, trains=True,
+                   help="the whole network plus a linear head, trained on the images (--epochs, default 20)")
 def finetune_protocol(
     data: ImageTask,
     train_subset: np.ndarray,

@@ -24,9 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from medssl.errors import ConfigError, DataError
 from medssl.eval.metrics import classification_metrics
@@ -141,6 +138,10 @@ def _fit_predict(
     notes: list[str],
 ) -> list[np.ndarray]:
     """Fit one (multinomial, or per-label binary) LR with strength ``c`` and predict every target matrix."""
+    # sklearn is imported here, not at the top: the command line starts without it
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     outs = [np.zeros((t.shape[0], num_classes), dtype=np.float64) for t in targets]
 
     def fit(y: np.ndarray) -> LogisticRegression:
@@ -252,6 +253,8 @@ def fit_linear_probe(
             notes.append(
                 f"linear: the training subset has a single class; constant prediction of {label(int(ytr[0]))}"
             )
+
+    from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(xtr)
     xtr_s, xte_s = scaler.transform(xtr), scaler.transform(xte)

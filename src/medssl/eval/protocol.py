@@ -6,12 +6,14 @@ protocol (linear probe, kNN, ...) is fit on that subset and scored on the full t
 split, used only to choose hyper-parameters, is subsampled with the same fraction and seed by default: a
 1 % setting that tuned on a fully labelled validation set would not be a 1 % setting.
 
-Protocols live in the :data:`PROTOCOLS` registry. A protocol is a callable
+Protocols live in the :data:`PROTOCOLS` registry (:mod:`medssl.eval.registry`). A protocol is a callable
 ``fn(data, train_subset, seed, *, val_subset, **options) -> ProtocolOutput`` where ``data`` is the
-:class:`FeatureSet` (or, for protocols added later such as fine-tuning or segmentation, any object exposing
-``train_y`` for stratification, ``val_y`` and ``multilabel``), ``train_subset`` indexes the training split,
+:class:`FeatureSet` (entries registered with ``inputs="features"``) or an
+:class:`~medssl.eval.images.ImageTask` (``inputs="images"``: fine-tuning, segmentation) — any object exposing
+``train_y`` for stratification, ``val_y`` and ``multilabel`` —, ``train_subset`` indexes the training split,
 and ``val_subset`` indexes the validation split (``None`` without one). Register new ones with
-:func:`register_protocol`.
+:func:`register_protocol` and the facts callers ask about (``inputs``, ``needs_labels``, ``deterministic``,
+``trains``, ``help``). This module registers ``linear``, ``knn`` and ``collapse``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from torch.utils.data import Dataset
 
 from medssl.data.splits import stratified_fraction
 from medssl.errors import ConfigError, DataError
+from medssl.eval import registry as _registry
 from medssl.eval.bootstrap import DEFAULT_N_BOOT, classification_ci
 from medssl.eval.features import extract_features
 from medssl.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_predict
@@ -113,33 +116,15 @@ class ProtocolOutput:
     predictions: tuple[np.ndarray, np.ndarray] | None = None
 
 
-ProtocolFn = Callable[..., ProtocolOutput]
-"""``fn(data, train_subset, seed, *, val_subset, **options) -> ProtocolOutput``."""
+PROTOCOLS = _registry.PROTOCOLS
+"""The protocol registry (:mod:`medssl.eval.registry`): name -> callable, with the facts of each entry."""
 
-PROTOCOLS: dict[str, ProtocolFn] = {}
-"""Registry of evaluation protocols by name."""
+register_protocol = _registry.register_protocol
 
-
-def register_protocol(name: str) -> Callable[[ProtocolFn], ProtocolFn]:
-    """Decorator registering a protocol callable under ``name`` in :data:`PROTOCOLS`.
-
-    Args:
-        name: Protocol name used by :func:`run_protocol` and the CLI.
-
-    Returns:
-        The decorator, which returns the callable unchanged.
-
-    Raises:
-        ConfigError: ``name`` is already registered.
-    """
-
-    def decorator(fn: ProtocolFn) -> ProtocolFn:
-        if name in PROTOCOLS:
-            raise ConfigError(f"evaluation protocol {name!r} is already registered")
-        PROTOCOLS[name] = fn
-        return fn
-
-    return decorator
+_FILLED_FROM_FEATURES = frozenset({"train_x", "train_y", "test_x", "multilabel", "num_classes", "seed", "val_x",
+                                   "val_y", "class_names"})
+"""Arguments of :func:`~medssl.eval.linear.fit_linear_probe` / :func:`~medssl.eval.knn.knn_predict` that the
+``linear`` / ``knn`` protocols fill from the :class:`FeatureSet`; the rest of their keywords are options."""
 
 
 def _val(data: FeatureSet, val_subset: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -181,7 +166,9 @@ def _score(
                                 groups=data.test_groups, seed=seed, n_boot=n_boot, notes=notes, params=params)
 
 
-@register_protocol("linear")
+@register_protocol("linear", inputs="features", needs_labels=True, deterministic=True,
+                   help="logistic regression on the frozen features (C chosen on the budgeted validation labels)",
+                   forwards_to=fit_linear_probe, filled=_FILLED_FROM_FEATURES)
 def linear_protocol(
     data: FeatureSet,
     train_subset: np.ndarray,
@@ -221,7 +208,9 @@ def linear_protocol(
     return _score(data, result.probs, result.notes, params, seed, n_boot)
 
 
-@register_protocol("knn")
+@register_protocol("knn", inputs="features", needs_labels=True, deterministic=True,
+                   help="temperature-weighted k-nearest neighbours on the frozen features (k=20, T=0.07)",
+                   forwards_to=knn_predict, filled=_FILLED_FROM_FEATURES)
 def knn_protocol(
     data: FeatureSet,
     train_subset: np.ndarray,
@@ -270,7 +259,18 @@ def knn_protocol(
     return _score(data, probs, notes, params, seed, n_boot)
 
 
-@register_protocol("collapse")
+def _collapse_whole_dataset(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``evaluate --protocol collapse``: every image of the dataset once
+    (:func:`~medssl.eval.collapse.evaluate_collapse`)."""
+    from medssl.eval.collapse import evaluate_collapse
+
+    return evaluate_collapse(*args, **kwargs)
+
+
+@register_protocol("collapse", inputs="features", needs_labels=False, deterministic=True,
+                   help="spectrum, effective rank and std of the features of every image, and a plot "
+                   "(no labels needed)",
+                   whole_dataset=_collapse_whole_dataset)
 def collapse_protocol(
     data: FeatureSet,
     train_subset: np.ndarray,
@@ -297,38 +297,92 @@ def collapse_protocol(
     return ProtocolOutput(metrics, [], {"spectrum": [float(v) for v in st.spectrum]})
 
 
-def _check_options(name: str, fn: ProtocolFn, options: dict[str, Any]) -> None:
-    """Reject options the protocol (or the function it forwards ``**options`` to) does not accept."""
-    forwards = {"linear": fit_linear_probe, "knn": knn_predict}
-    fixed = {
-        "train_x",
-        "train_y",
-        "test_x",
-        "multilabel",
-        "num_classes",
-        "seed",
-        "val_x",
-        "val_y",
-        "class_names",
-    }
-    target = forwards.get(name)
-    if target is not None:
-        accepted = (set(inspect.signature(target).parameters) - fixed) | {"n_boot"}
+_OWN_ARGS = frozenset({"data", "train_subset", "seed", "val_subset"})
+
+
+def _keywords(fn: Any) -> tuple[set[str], bool]:
+    """The named parameters of ``fn`` and whether it also takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_options(protocol: str, options: dict[str, Any]) -> None:
+    """Reject options the protocol (or the function it forwards ``**options`` to, its entry's ``forwards_to``)
+    does not accept.
+
+    Raises:
+        ConfigError: Unknown protocol, or the unknown options with the accepted ones.
+    """
+    entry = _registry.protocol_entry(protocol)
+    own, takes_any = _keywords(entry.fn)
+    own -= _OWN_ARGS
+    if entry.forwards_to is not None:
+        accepted = (_keywords(entry.forwards_to)[0] - entry.filled) | own
+    elif takes_any:
+        return
     else:
-        params = inspect.signature(fn).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return
-        accepted = set(params) - {"data", "train_subset", "seed", "val_subset"}
+        accepted = own
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ConfigError(
-            f"unknown option(s) {unknown} for evaluation protocol {name!r}; accepted: {sorted(accepted)}"
+            f"unknown option(s) {unknown} for evaluation protocol {protocol!r}; accepted: {sorted(accepted)}"
         )
 
 
-#: Protocols whose output is a function of the train / validation subsets alone (L-BFGS logistic regression
-#: and kNN are deterministic); results are reused across seeds that draw identical subsets.
-SUBSET_DETERMINED = frozenset({"linear", "knn", "collapse"})
+SUBSET_DETERMINED = _registry.NamesWhere(PROTOCOLS, lambda e: e.deterministic)
+"""Protocols whose output is a function of the train / validation subsets alone (entries registered with
+``deterministic=True``: L-BFGS logistic regression and kNN are); results are reused across seeds that draw
+identical subsets."""
+
+
+def check_fractions_and_seeds(label_fractions: Sequence[float], seeds: Sequence[int]) -> tuple[list[float], list[int]]:
+    """The label fractions as floats in ``(0, 1]`` and the seeds as distinct integers.
+
+    Raises:
+        ConfigError: No fractions, a fraction outside ``(0, 1]`` (or not finite), no seeds, or a repeated seed.
+    """
+    fractions = [float(f) for f in label_fractions]
+    if not fractions:
+        raise ConfigError("label_fractions is empty")
+    bad = [f for f in fractions if not (math.isfinite(f) and 0.0 < f <= 1.0)]
+    if bad:
+        raise ConfigError(f"label fractions must lie in (0, 1] (e.g. 0.01 for 1 %), got {bad}")
+    seed_list = [int(s) for s in seeds]
+    if not seed_list:
+        raise ConfigError("seeds is empty")
+    if len(set(seed_list)) != len(seed_list):
+        raise ConfigError(f"seeds must be distinct, got {seed_list}")
+    return fractions, seed_list
+
+
+def draw_subsets(train_y: np.ndarray, val_y: np.ndarray | None, fraction: float, seed: int, min_per_class: int,
+                 subsample_val: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions of the labelled training subset and of the validation subset for one (fraction, seed).
+
+    Both are :func:`~medssl.data.splits.stratified_fraction` draws with the same fraction and seed; the validation
+    subset is the whole validation split when ``subsample_val`` is false, ``None`` without a validation split.
+    """
+    train_subset = np.asarray(stratified_fraction(train_y, fraction, seed, min_per_class), dtype=np.int64)
+    if val_y is None:
+        return train_subset, None
+    if not subsample_val:
+        return train_subset, np.arange(len(val_y))
+    return train_subset, np.asarray(stratified_fraction(val_y, fraction, seed, min_per_class), dtype=np.int64)
+
+
+def _row(out: ProtocolOutput, encoder_name: str | None, protocol: str, fraction: float, seed: int, n_train: int,
+         extra_notes: list[str]) -> dict[str, Any]:
+    """One result row (see :func:`run_protocol`) of a protocol output, as plain floats."""
+    row: dict[str, Any] = {} if encoder_name is None else {"encoder": encoder_name}
+    row.update(protocol=protocol, label_fraction=fraction, seed=seed, n_train=n_train,
+               metrics={k: float(v) for k, v in out.metrics.items()}, notes=list(out.notes) + extra_notes,
+               params=dict(out.params))
+    if out.ci is not None:
+        row["ci"] = {k: [float(v) for v in lo_hi] for k, lo_hi in out.ci.items()}
+    if out.per_class is not None:
+        row["per_class"] = {k: {c: float(v) for c, v in d.items()} for k, d in out.per_class.items()}
+    return row
 
 
 def run_protocol(
@@ -346,8 +400,10 @@ def run_protocol(
     """Run one protocol for every label fraction x seed.
 
     Args:
-        features: Frozen features of train / (val) / test.
-        protocol: A name in :data:`PROTOCOLS` (built in: ``"linear"``, ``"knn"``).
+        features: Frozen features of train / (val) / test (an :class:`~medssl.eval.images.ImageTask` for the
+            protocols registered with ``inputs="images"``).
+        protocol: A name in :data:`PROTOCOLS` (built in: ``linear``, ``knn``, ``collapse``, ``finetune``,
+            ``segment``).
         label_fractions: Fractions of the training labels, each in ``(0, 1]``.
         seeds: Seeds; each draws its own stratified subset and seeds the protocol.
         encoder_name: If given, stored as ``"encoder"`` in every row (so tables compare encoders).
@@ -373,69 +429,33 @@ def run_protocol(
         ConfigError: Unknown protocol or option, fractions outside ``(0, 1]``, no or duplicate seeds.
         DataError: Malformed features (checked when the :class:`FeatureSet` was built).
     """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown evaluation protocol {protocol!r}; available: {sorted(PROTOCOLS)}")
-    fn = PROTOCOLS[protocol]
-    fractions = [float(f) for f in label_fractions]
-    if not fractions:
-        raise ConfigError("label_fractions is empty")
-    bad = [f for f in fractions if not (math.isfinite(f) and 0.0 < f <= 1.0)]
-    if bad:
-        raise ConfigError(f"label fractions must lie in (0, 1] (e.g. 0.01 for 1 %), got {bad}")
-    seed_list = [int(s) for s in seeds]
-    if not seed_list:
-        raise ConfigError("seeds is empty")
-    if len(set(seed_list)) != len(seed_list):
-        raise ConfigError(f"seeds must be distinct, got {seed_list}")
+    entry = _registry.protocol_entry(protocol)
+    fractions, seed_list = check_fractions_and_seeds(label_fractions, seeds)
     if min_per_class < 0:
         raise ConfigError(f"min_per_class must be >= 0, got {min_per_class}")
-    _check_options(protocol, fn, protocol_kwargs)
-
+    check_options(protocol, protocol_kwargs)
     train_y = np.asarray(features.train_y)
     val_y = None if features.val_y is None else np.asarray(features.val_y)
     rows: list[dict[str, Any]] = []
-    # Protocols whose result depends only on the subsets (not on the seed) are not refitted when another seed
+    # A protocol whose result depends only on the subsets (not on the seed) is not refitted when another seed
     # draws the very same subsets, as every seed does at 100 % labels.
     reuse: dict[tuple[bytes, bytes | None], tuple[int, ProtocolOutput]] = {}
     for fraction in fractions:
         for seed in seed_list:
-            train_subset = np.asarray(
-                stratified_fraction(train_y, fraction, seed, min_per_class), dtype=np.int64
-            )
-            val_subset = None
-            if val_y is not None:
-                val_subset = (
-                    np.asarray(stratified_fraction(val_y, fraction, seed, min_per_class), dtype=np.int64)
-                    if subsample_val
-                    else np.arange(len(val_y))
-                )
+            train_subset, val_subset = draw_subsets(train_y, val_y, fraction, seed, min_per_class, subsample_val)
             key = (train_subset.tobytes(), None if val_subset is None else val_subset.tobytes())
             extra_notes: list[str] = []
-            if protocol in SUBSET_DETERMINED and key in reuse:
+            if entry.deterministic and key in reuse:
                 first_seed, out = reuse[key]
                 extra_notes.append(f"same subsets as seed {first_seed}: result reused, not refitted")
             else:
-                out = fn(features, train_subset, seed, val_subset=val_subset, **protocol_kwargs)
+                out = PROTOCOLS[protocol](features, train_subset, seed, val_subset=val_subset, **protocol_kwargs)
                 reuse[key] = (seed, out)
-            row: dict[str, Any] = {} if encoder_name is None else {"encoder": encoder_name}
-            row.update(
-                protocol=protocol,
-                label_fraction=fraction,
-                seed=seed,
-                n_train=int(train_subset.size),
-                metrics={k: float(v) for k, v in out.metrics.items()},
-                notes=list(out.notes) + extra_notes,
-                params=dict(out.params),
-            )
-            if out.ci is not None:
-                row["ci"] = {k: [float(v) for v in lo_hi] for k, lo_hi in out.ci.items()}
-            if out.per_class is not None:
-                row["per_class"] = {k: {c: float(v) for c, v in d.items()} for k, d in out.per_class.items()}
+            rows.append(_row(out, encoder_name, protocol, fraction, seed, int(train_subset.size), extra_notes))
             if predictions_dir is not None and out.predictions is not None:
                 save_predictions(Path(predictions_dir), out.predictions, encoder=encoder_name or "encoder",
                                  protocol=protocol, fraction=fraction, seed=seed,
                                  class_names=getattr(features, "class_names", None))
-            rows.append(row)
     return rows
 
 
@@ -467,6 +487,7 @@ def features_from_dataset(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    splits: dict[str, np.ndarray] | None = None,
 ) -> FeatureSet:
     """Extract a :class:`FeatureSet` from a medssl dataset's train / val / test splits.
 
@@ -477,9 +498,11 @@ def features_from_dataset(
         batch_size: Images per forward pass.
         device: Where the encoder runs.
         num_workers: DataLoader workers.
+        splits: ``{"train", "val", "test"}`` -> dataset indices; default ``dataset.indices(split)``.
 
     Returns:
-        Features and labels; ``val_x`` / ``val_y`` are ``None`` when the validation split is empty.
+        Features, labels, class names and the test items' patient ids; ``val_x`` / ``val_y`` are ``None`` when
+        the validation split is empty.
 
     Raises:
         DataError: The dataset has no labels or an empty train or test split.
@@ -490,7 +513,8 @@ def features_from_dataset(
     labels = np.asarray(labels)
     split_idx: dict[str, np.ndarray] = {}
     for split in ("train", "val", "test"):
-        split_idx[split] = np.asarray(dataset.indices(split), dtype=np.int64)  # type: ignore[attr-defined]
+        idx = splits[split] if splits is not None else dataset.indices(split)  # type: ignore[attr-defined]
+        split_idx[split] = np.asarray(idx, dtype=np.int64)
     for split in ("train", "test"):
         if split_idx[split].size == 0:
             raise DataError(f"the evaluation dataset has an empty {split!r} split")
@@ -521,7 +545,3 @@ def _patient_ids(dataset: Any, idx: np.ndarray) -> np.ndarray | None:
     ids = getattr(dataset, "patient_ids", None)
     return None if ids is None else np.asarray(ids)[idx]
 
-
-# Image-level protocols register themselves in PROTOCOLS on import (they need the names defined above).
-from medssl.eval import finetune as _finetune  # noqa: E402, F401
-from medssl.eval import segment as _segment  # noqa: E402, F401

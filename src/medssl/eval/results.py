@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from medssl.errors import DataError
+from medssl.fileio import atomic_write_text, ensure_output_dir
 
 METRIC_LABELS: dict[str, str] = {
     "auc_macro": "AUC",
@@ -207,19 +206,6 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _notes_section(rows: Iterable[dict[str, Any]], group_key: str) -> list[str]:
     counts: dict[str, int] = {}
     for row in rows:
@@ -252,12 +238,12 @@ def write_results(
 
     Raises:
         DataError: A row lacks a required key.
+        StorageError: ``out_dir`` cannot be a directory, or the disk refused a write.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_output_dir(out_dir, "results directory")
     summary = summarize(rows, group_key=group_key)
     payload = to_jsonable({"meta": meta, "rows": rows, "summary": summary})
-    _write_atomic(out_dir / "results.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
     lines = ["# Evaluation results", ""]
     scalars = {k: v for k, v in (meta or {}).items() if isinstance(v, str | int | float | bool) or v is None}
@@ -270,8 +256,8 @@ def write_results(
     notes = _notes_section(rows, group_key)
     if notes:
         lines += ["", "## Notes", "", *notes]
-    _write_atomic(out_dir / "results.md", "\n".join(lines) + "\n")
-    _write_atomic(out_dir / "results.csv", results_csv(rows, group_key=group_key))
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "results.csv", results_csv(rows, group_key=group_key))
 
 
 CSV_COLUMNS = ("protocol", "label_fraction", "seed", "n_train", "metric", "value", "ci_low", "ci_high")

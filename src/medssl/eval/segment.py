@@ -27,11 +27,13 @@ from medssl.errors import ConfigError, DataError
 from medssl.eval.bootstrap import DEFAULT_N_BOOT, segmentation_ci
 from medssl.eval.images import ImageTask, augment, fit, lr_groups, torch_threads
 from medssl.eval.metrics import dice_jaccard, segmentation_metrics_with_notes
-from medssl.eval.protocol import ProtocolOutput, register_protocol
+from medssl.eval.protocol import ProtocolOutput
+from medssl.eval.registry import register_protocol
 from medssl.nn.segmentation import SegmentationNet
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, eps: float = 1.0) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+                 eps: float = 1.0) -> torch.Tensor:
     """Cross-entropy + ``dice_weight`` × (1 − mean soft Dice over the foreground classes), batch-wise.
 
     Soft Dice of class ``c``: ``(2 Σ p_c t_c + eps) / (Σ p_c + Σ t_c + eps)`` over every pixel of the batch,
@@ -84,7 +86,8 @@ def _num_classes(task: ImageTask, given: int | None) -> int:
     return max(2, top + 1)
 
 
-@register_protocol("segment")
+@register_protocol("segment", inputs="images", needs_labels=False, deterministic=False, trains=True,
+                   help="a decoder on the encoder, trained on the images' masks (--epochs, default 20)")
 def segment_protocol(
     data: ImageTask,
     train_subset: np.ndarray,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from medssl.errors import CheckpointError, ConfigError
+from medssl.fileio import atomic_write_text, check_output_file
 
 MAX_RECONSTRUCTIONS = 3
 _CSS = """
@@ -110,7 +111,8 @@ def _collapse_section(cols: dict[str, np.ndarray], eval_dirs: Sequence[Path]) ->
     for d in eval_dirs:
         spec = d / "collapse_spectrum.png"
         if spec.is_file():
-            parts.append(f"<h4>covariance spectrum ({_esc(d.name)})</h4>" + img_tag(spec.read_bytes(), "collapse spectrum"))
+            parts.append(f"<h4>covariance spectrum ({_esc(d.name)})</h4>"
+                         + img_tag(spec.read_bytes(), "collapse spectrum"))
     if not parts:
         return _note("no collapse statistics: metrics.csv has no *_eff_rank values and no collapse evaluation was "
                      "found (medssl evaluate --protocol collapse --out RUN/eval_collapse)")
@@ -122,7 +124,8 @@ def _reconstructions_section(run: Path) -> str:
     if not pngs:
         return _note("no reconstructions (only masked image modelling methods draw them)")
     shown = pngs[-MAX_RECONSTRUCTIONS:]
-    parts = [f"<h4>{_esc(p.relative_to(run))}</h4>" + img_tag(p.read_bytes(), f"reconstruction {p.stem}") for p in shown]
+    parts = [f"<h4>{_esc(p.relative_to(run))}</h4>" + img_tag(p.read_bytes(), f"reconstruction {p.stem}")
+             for p in shown]
     if len(pngs) > len(shown):
         parts.insert(0, _note(f"the newest {len(shown)} of {len(pngs)} reconstruction images"))
     return "\n".join(parts)
@@ -185,7 +188,8 @@ def _predictions(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, list[str
     with np.load(path, allow_pickle=False) as z:
         if "y_true" not in z or "scores" not in z:
             raise CheckpointError(f"{path}: a predictions file needs arrays 'y_true' and 'scores'")
-        bits = [f"{k} {z[k].item() if z[k].ndim == 0 else z[k]}" for k in ("encoder", "label_fraction", "seed") if k in z]
+        bits = [f"{k} {z[k].item() if z[k].ndim == 0 else z[k]}" for k in ("encoder", "label_fraction", "seed")
+                if k in z]
         names = [str(c) for c in z["class_names"]] if "class_names" in z else None
         return [(", ".join(bits) or path.stem, np.asarray(z["y_true"]), np.asarray(z["scores"]), names)]
 
@@ -245,6 +249,7 @@ def build_report(runs: Sequence[str | Path], out: str | Path | None = None,
     Raises:
         ConfigError: no run, or several runs without ``out``.
         CheckpointError: a run or evaluation directory is missing.
+        StorageError: ``out`` is a directory, under a file, or on a disk that refuses the write.
     """
     paths = [Path(r) for r in runs]
     if not paths:
@@ -278,8 +283,4 @@ def build_report(runs: Sequence[str | Path], out: str | Path | None = None,
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>medssl report: {_esc(', '.join(labels))}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write_text(check_output_file(out), page)
