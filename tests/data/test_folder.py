@@ -87,10 +87,20 @@ def test_truncated_file_is_named_when_read(tmp_path: Path) -> None:
 
 
 def test_garbage_file_is_named_at_open(tmp_path: Path) -> None:
+    """A run (open_from_config without skip_bad) still stops at open; the dataset itself keeps the file so that
+    --skip-bad and inspect can list it (its item raises the same error)."""
+    from medssl.config import DataConfig
+    from medssl.data.specs import open_from_config
+
     _save(tmp_path / "good.png", _rng_image((8, 8)))
     (tmp_path / "fake.png").write_bytes(b"\x00\x01 definitely not a png")
     with pytest.raises(DataError, match="fake.png"):
-        open_dataset(f"folder:{tmp_path}")
+        open_from_config(DataConfig(spec=f"folder:{tmp_path}", cache=False))
+    ds = open_dataset(f"folder:{tmp_path}")
+    bad = ds.sources.index(str(tmp_path / "fake.png"))
+    assert list(ds.open_errors) == [bad] and "fake.png: not a readable image" in ds.open_errors[bad]
+    with pytest.raises(DataError, match="fake.png"):
+        ds[bad]
 
 
 def test_layout_errors(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ plus what :func:`to_unit_range` needs to map it to ``[0, 1]``. Every failure is 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from medssl.errors import ConfigError, DataError
+from medssl.checks import FieldError, check_choice, check_range
+from medssl.errors import DataError
 
 __all__ = ["IntensityConfig", "ReadResult", "read_file", "to_unit_range", "INTENSITY_MODES", "IMAGE_SUFFIXES", "VOLUME_SUFFIXES"]
 
@@ -39,6 +41,15 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 INTENSITY_MODES = ("auto", "window", "percentile", "minmax", "bitdepth", "zscore")
 _MAX_CHANNELS = 4
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    """``value`` as two floats, or a FieldError naming ``name``."""
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise FieldError(name, f"must be two numbers [a, b], got {value!r}") from None
+    return a, b
 
 
 @dataclass
@@ -58,17 +69,18 @@ class IntensityConfig:
     window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in INTENSITY_MODES:
-            raise ConfigError(f"data.intensity.mode must be one of {', '.join(INTENSITY_MODES)}, got '{self.mode}'")
-        pct = tuple(float(v) for v in self.percentiles)
-        if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
-            raise ConfigError(f"data.intensity.percentiles must be [low, high] with 0 <= low < high <= 100, got {self.percentiles}")
-        self.percentiles = pct  # type: ignore[assignment]
+        check_choice("mode", self.mode, INTENSITY_MODES)
+        pct = _pair("percentiles", self.percentiles)
+        for v in pct:
+            check_range("percentiles", v, ge=0.0, le=100.0)
+        if pct[0] >= pct[1]:
+            raise FieldError("percentiles", f"must be [low, high] with low < high, got {list(pct)}")
+        self.percentiles = pct
         if self.window is not None:
-            win = tuple(float(v) for v in self.window)
-            if len(win) != 2 or win[1] <= 0:
-                raise ConfigError(f"data.intensity.window must be [centre, width] with width > 0, got {self.window}")
-            self.window = win  # type: ignore[assignment]
+            win = _pair("window", self.window)
+            if not (math.isfinite(win[0]) and math.isfinite(win[1]) and win[1] > 0):
+                raise FieldError("window", f"must be [centre, width] with finite values and width > 0, got {list(win)}")
+            self.window = win
 
     def apply(self, result: ReadResult) -> np.ndarray:
         """:func:`to_unit_range` with these settings."""
@@ -132,14 +144,23 @@ def read_file(path: str | Path) -> ReadResult:
     """Read any supported file (or DICOM series folder) into a :class:`ReadResult`.
 
     The format is chosen by the suffix; files without a known suffix are sniffed for the DICOM preamble.
+    A file holding any non-finite value (NaN, ±inf) is an error: medssl does not guess whether NaN means
+    background, missing or a failed reconstruction, and one NaN would otherwise turn every normalised value
+    into NaN (see docs/datasets.md).
 
     Raises:
         DataError: missing file, unknown format, truncated or corrupt file, unsupported compression,
-            unexpected dimensions — naming the file.
+            unexpected dimensions, non-finite values — naming the file.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: file not found")
+    result = _read_any(p)
+    check_finite(result.array, str(p))
+    return result
+
+
+def _read_any(p: Path) -> ReadResult:
     if p.is_dir():
         return read_dicom_series(p)
     if p.stat().st_size == 0:
@@ -159,14 +180,78 @@ def read_file(path: str | Path) -> ReadResult:
     )
 
 
+def check_finite(array: np.ndarray, source: str) -> None:
+    """Raise a :class:`DataError` naming ``source`` and the count when ``array`` holds NaN or ±inf.
+
+    Integer arrays cannot hold them and pass without a scan.
+    """
+    a = np.asarray(array)
+    if not np.issubdtype(a.dtype, np.inexact):
+        return
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = int(a.size - np.count_nonzero(finite))
+    n_nan = int(np.count_nonzero(np.isnan(a)))
+    raise DataError(
+        f"{source}: {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} inf) among {a.size}; medssl does not "
+        "guess what they mean — replace them in the file, or skip it with --skip-bad"
+    )
+
+
+def constant_value(array: np.ndarray) -> float | None:
+    """The single value of an array whose every element is equal (a constant image), else ``None``."""
+    a = np.asarray(array)
+    if a.size == 0:
+        return None
+    lo, hi = a.min(), a.max()
+    return float(lo) if lo == hi else None
+
+
+_CONSTANT_NOTED: set[str] = set()
+
+
+def note_constant(source: str, value: float) -> None:
+    """Log (once per file and process) that ``source`` is a constant image — kept, but likely a broken export."""
+    if source in _CONSTANT_NOTED:
+        return
+    _CONSTANT_NOTED.add(source)
+    logging.getLogger("medssl").warning(
+        "%s: constant image: every pixel is %g (kept; it carries no information — often a broken export, "
+        "see `medssl inspect`)", source, value)
+
+
+def open_pil(path: Path) -> Any:
+    """``PIL.Image.open`` with its failures as one-line :class:`DataError` naming the file.
+
+    Pillow refuses images over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels (about 179 million by default, e.g.
+    13 400 x 13 400) as decompression bombs: a header can claim billions of pixels in a few bytes. medssl keeps
+    that limit (it does not change Pillow's global setting) and reports such a file as bad; below it, Pillow's
+    ``DecompressionBombWarning`` is silenced.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)") from exc
+        raise DataError(f"{path}: not a readable image (Pillow cannot identify it)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc})") from exc
+
+
 # -- 2D images ----------------------------------------------------------------------------------------
 def read_image(path: Path) -> ReadResult:
     """PNG / JPEG / TIFF / BMP through Pillow, keeping 16-bit values."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 40000 * 40000)  # full-field mammograms
+    img0 = open_pil(path)
     try:
-        with Image.open(path) as img:
+        with img0 as img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             img.load()
             mode = img.mode
             if mode == "P":
@@ -182,10 +267,10 @@ def read_image(path: Path) -> ReadResult:
                 img = img.convert("L")
                 mode = "L"
             arr = np.asarray(img)
-    except UnidentifiedImageError as exc:
-        raise DataError(f"{path}: not a readable image (Pillow cannot identify it)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: truncated or corrupt image ({exc})") from exc
+        raise DataError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc})") from exc
+    if arr.size == 0:
+        raise DataError(f"{path}: empty image (shape {arr.shape})")
     if arr.dtype == np.uint8:
         bits: int | None = 8
     elif arr.dtype in (np.uint16, np.int32) and mode.startswith("I"):
@@ -216,25 +301,82 @@ def _first(value: Any) -> float | None:
         return None
 
 
-def _dcmread(path: Path) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+#: Elements one of which any DICOM image (or any DICOM object worth the name) carries.
+_DICOM_EVIDENCE = ("SOPClassUID", "Modality", "Rows", "Columns", "PixelData", "StudyInstanceUID", "PatientID")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
+
+def _dcmread(path: Path) -> Any:
+    """``pydicom.dcmread`` with one-line errors that say *not a DICOM file* or *truncated* as the case is.
+
+    Files with the ``DICM`` marker at byte 128 are read normally. Files without it are read with ``force``
+    (old ACR-NEMA files without the 128-byte preamble are still common) and must then hold at least one of
+    the elements every DICOM object carries (:data:`_DICOM_EVIDENCE`): a text file named ``.dcm`` parses into
+    a few meaningless tags under ``force`` and is *not a DICOM file*. Whether the file ends inside an element
+    is noted on the dataset (``_medssl_truncated``) for the pixel-data errors of :func:`_decode_pixels`.
+    """
+    import pydicom
+
+    marker = _is_dicom_file(path)
+    size = path.stat().st_size
+    if not marker and size < 132:
+        raise DataError(f"{path}: not a DICOM file, or truncated: {size} bytes, shorter than the 128-byte preamble "
+                        "and 'DICM' marker that start a DICOM file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                return pydicom.dcmread(path)
-            except InvalidDicomError:
-                # files without the 128-byte preamble (old ACR-NEMA style) are still common
-                return pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(path, force=not marker)
     except Exception as exc:
+        if not marker:
+            raise DataError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, and it does not parse as "
+                            f"DICOM without one: {type(exc).__name__})") from exc
         raise DataError(f"{path}: truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from exc
+    if not marker and not any(k in ds for k in _DICOM_EVIDENCE):
+        raise DataError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, and none of the elements a "
+                        "DICOM image carries: SOP class, modality, rows, columns, pixel data)")
+    ds._medssl_truncated = _truncation(ds, size)
+    return ds
+
+
+def _truncation(ds: Any, size: int) -> str | None:
+    """Why ``ds`` (read from a file of ``size`` bytes) looks cut short, or ``None``.
+
+    pydicom stops silently at the end of the file, even inside an element or its tag header. The file is
+    truncated when a top-level element's declared length runs past the end, when fewer bytes than a tag
+    header (8) remain after the last element, or when nothing but (part of) the file meta header was read.
+    Must run before elements are accessed: only raw (unconverted) elements keep their file offsets.
+    """
+    end = None
+    last = None
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if tell is None or length is None or length == _UNDEFINED_LENGTH:
+            end = None  # a sequence of undefined length: its end is unknown here
+            continue
+        if tell + length > size:
+            return f"it ends at byte {size}, inside element {elem.tag}, which needs {tell + length} bytes"
+        end, last = tell + length, elem.tag
+    if len(ds) == 0:
+        return f"it ends inside its header ({size} bytes, no data elements)"
+    if end is not None and 0 < size - end < 8:
+        return f"it ends inside a tag header ({size - end} stray byte(s) after element {last})"
+    return None
+
+
+def _sop_name(ds: Any) -> str:
+    uid = getattr(ds, "SOPClassUID", None) or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return f"{getattr(uid, 'name', uid)}" if uid else "unknown SOP class"
 
 
 def _decode_pixels(ds: Any, path: Path) -> np.ndarray:
+    truncated = getattr(ds, "_medssl_truncated", None)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')})")
+        if truncated:
+            raise DataError(f"{path}: truncated DICOM file: {truncated}, before any pixel data")
+        sop = _sop_name(ds)
+        what = f"although its SOP class is {sop}" if "Image" in sop else f"({sop}: not an image)"
+        raise DataError(f"{path}: DICOM file has no pixel data {what}")
     try:
         tsyntax = ds.file_meta.TransferSyntaxUID
         ts_name = f"{tsyntax.name} ({tsyntax})"
@@ -246,6 +388,8 @@ def _decode_pixels(ds: Any, path: Path) -> np.ndarray:
             arr = ds.pixel_array
     except Exception as exc:
         msg = str(exc)
+        if truncated:
+            raise DataError(f"{path}: truncated or corrupt DICOM: the file is truncated, {truncated}") from exc
         if "missing required" in msg.lower() or "plugin" in msg.lower() or "decod" in msg.lower() \
                 or "not supported" in msg.lower() or "handler" in msg.lower():
             raise DataError(
@@ -254,7 +398,8 @@ def _decode_pixels(ds: Any, path: Path) -> np.ndarray:
                 "or convert the file (e.g. `gdcmconv --raw`)"
             ) from exc
         raise DataError(
-            f"{path}: truncated or corrupt DICOM pixel data in {ts_name} ({type(exc).__name__}: {msg.splitlines()[0] if msg else ''})"
+            f"{path}: truncated or corrupt DICOM pixel data in {ts_name} "
+            f"({type(exc).__name__}: {msg.splitlines()[0] if msg else ''})"
         ) from exc
     return np.asarray(arr)
 
@@ -515,10 +660,14 @@ def to_unit_range(
             sources (PNG/JPEG: keeps their absolute brightness), else ``percentile`` (16-bit images, MR, CT
             without a window, NIfTI / MHA volumes).
 
+    A constant image maps to a constant output (0 in ``percentile`` / ``minmax`` / ``zscore``).
+
     Raises:
-        DataError: unknown mode, or ``window`` without a window to apply.
+        DataError: unknown mode, ``window`` without a window to apply, or an array holding NaN / ±inf (they would
+            make the percentiles, min / max or mean NaN and blank the whole image).
     """
     x = result.array
+    check_finite(x, result.source)
     if mode not in INTENSITY_MODES:
         raise DataError(f"unknown intensity mode '{mode}'; choose one of {', '.join(INTENSITY_MODES)}")
     if mode == "auto":

@@ -80,10 +80,11 @@ def _open_npz(
 
 
 def _open_folder(
-    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, follow_symlinks: bool = False
 ) -> ImageDataset:
     return FolderDataset(
-        _require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec
+        _require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec,
+        follow_symlinks=follow_symlinks,
     )
 
 
@@ -145,7 +146,8 @@ _OPENERS: dict[str, Callable[..., ImageDataset]] = {
 
 
 def open_dataset(
-    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None
+    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None,
+    follow_symlinks: bool = False,
 ) -> ImageDataset:
     """Opens the dataset a spec string names.
 
@@ -161,6 +163,7 @@ def open_dataset(
         seed: Seed of the phantom generator and of patient-level splits (npz splits come from the file).
         intensity: :class:`~medssl.data.readers.IntensityConfig` for datasets read from DICOM / NIfTI / MHA
             files (``csv:``, ``volumes:``, ``cbis-ddsm:``); ``None`` = ``auto``.
+        follow_symlinks: ``folder:`` follows symlinked directories leading out of its root.
 
     Returns:
         The dataset, with ``name == spec``.
@@ -182,6 +185,8 @@ def open_dataset(
     args = (spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
     if prefix in _TAKES_INTENSITY:
         return opener(*args, intensity=intensity)
+    if prefix == "folder":
+        return opener(*args, follow_symlinks=follow_symlinks)
     return opener(*args)
 
 
@@ -190,7 +195,8 @@ def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
 
     Applies, in order: the spec with ``image_size``, ``task`` and ``intensity``; the split manifest
     ``splits`` (``--splits FILE``); the item cache (``cache``, ``cache_dir``) for file-backed datasets.
-    ``skip_bad`` is left to the caller, which decides where the list of skipped files goes.
+    ``skip_bad`` is left to the caller, which decides where the list of skipped files goes; without it, files
+    found unreadable while opening raise here (:meth:`~medssl.data.base.ImageDataset.check_open_errors`).
 
     Args:
         data: a :class:`~medssl.config.DataConfig`.
@@ -199,7 +205,10 @@ def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
     from .cache import default_cache_dir
     from .splits import apply_split_manifest
 
-    ds = open_dataset(data.spec, image_size=data.image_size, task=data.task, intensity=data.intensity)
+    ds = open_dataset(data.spec, image_size=data.image_size, task=data.task, intensity=data.intensity,
+                      follow_symlinks=data.follow_symlinks)
+    if not data.skip_bad:
+        ds.check_open_errors()
     if data.splits:
         apply_split_manifest(ds, data.splits)
     use_cache = data.cache if cache is None else cache
