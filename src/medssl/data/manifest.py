@@ -375,7 +375,7 @@ class CsvDataset(ImageDataset):
         else:
             splits = assign_patient_splits(patient_ids, seed=seed)
         _check_duplicates(files, rows, [h for h in header if h == "label" or h.startswith("label:")],
-                          list(splits), where)
+                          [str(s) for s in splits], where)
 
         # Geometry from the first readable file.
         self.files = files
