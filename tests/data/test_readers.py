@@ -302,3 +302,37 @@ def test_constant_value() -> None:
 
     assert constant_value(np.full((1, 4, 4), -1024.0, np.float32)) == -1024.0
     assert constant_value(np.arange(4.0)) is None and constant_value(np.zeros(0)) is None
+
+
+def _patched_nifti(tmp_path: Path, name: str, offset: int, fmt: str, *values: float) -> Path:
+    """A real NIfTI-1 file with header bytes at ``offset`` overwritten (pixdim at 76, dim at 40)."""
+    import struct
+
+    path = _nifti(tmp_path / name, np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8))
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_bad_voxel_sizes_and_header_bombs_are_refused_before_reading(tmp_path: Path, capfd) -> None:
+    zero = _patched_nifti(tmp_path, "zero.nii", 80, "<f", 0.0)  # pixdim[1]: nibabel would take 0 as 1 mm
+    with pytest.raises(DataError, match=r"zero\.nii: invalid voxel size \(0\.0, 1\.0, 1\.0\) in the NIfTI header"):
+        read_file(zero)
+    assert "pixdim" not in capfd.readouterr().err  # nibabel's own stderr line is silenced
+    with pytest.raises(DataError, match=r"nan\.nii: invalid voxel size \(nan, 1\.0, 1\.0\)"):
+        read_file(_patched_nifti(tmp_path, "nan.nii", 80, "<f", float("nan")))
+    big = _patched_nifti(tmp_path, "big.nii", 42, "<hhh", 30000, 30000, 30000)  # dim[1..3]
+    with pytest.raises(DataError, match=r"big\.nii: its arrays need 100582\.8 GiB once decompressed"):
+        read_file(big)
+    header = "ObjectType = Image\nNDims = 3\nDimSize = {}\nElementSpacing = {}\nElementType = MET_UCHAR\n" \
+             "ElementDataFile = LOCAL\n"
+    for name, size, spacing, needle in [("s0.mha", "2 2 2", "0 1 1", r"s0\.mha: invalid spacing \(0\.0, 1\.0, 1\.0\)"),
+                                        ("huge.mha", "100000 100000 1000", "1 1 1", r"huge\.mha: its arrays need")]:
+        (tmp_path / name).write_bytes(header.format(size, spacing).encode() + bytes(range(8)))
+        with pytest.raises(DataError, match=needle):
+            read_file(tmp_path / name)
+    five = tmp_path / "five.nii.gz"
+    _nifti(five, np.zeros((4, 4, 4, 2, 3), np.float32))
+    with pytest.raises(DataError, match=r"five\.nii\.gz: NIfTI with unsupported dimensions \(4, 4, 4, 2, 3\)"):
+        read_file(five)

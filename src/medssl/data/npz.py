@@ -13,7 +13,6 @@ splits are patient-disjoint).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from medssl.errors import DataError
 
 from .base import MAX_CLASSES, ImageDataset, resize_image
+from .readers import check_memory
 from .splits import SPLIT_NAMES
 
 _MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -181,13 +181,6 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _physical_memory() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_members(path: Path, data: np.lib.npyio.NpzFile) -> None:
     """Read every member's ``.npy`` header (a literal, parsed without evaluating code) before any array.
 
@@ -214,10 +207,7 @@ def _check_members(path: Path, data: np.lib.npyio.NpzFile) -> None:
             raise DataError(f"{path}: key {key!r} holds Python objects (a pickled object array); medssl never "
                             "unpickles data files — store numeric arrays")
         total += int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
-    memory = _physical_memory()
-    if memory is not None and total > memory:
-        raise DataError(f"{path}: its arrays need {total / 2**30:.1f} GiB once decompressed, more than this "
-                        f"machine's {memory / 2**30:.1f} GiB of memory")
+    check_memory(path, (total,), 1)
 
 
 def _geometry(path: Path, key: str, arr: np.ndarray) -> tuple[int, int, int]:

@@ -19,10 +19,12 @@ plus what :func:`to_unit_range` needs to map it to ``[0, 1]``. Every failure is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +223,41 @@ def note_constant(source: str, value: float) -> None:
         "see `medssl inspect`)", source, value)
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-fix messages (printed to stderr); medssl reports what matters itself."""
+    logger = logging.getLogger("nibabel.global")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, ``None`` where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(source: Any, shape: Sequence[int], itemsize: int) -> None:
+    """Refuse, before reading, an array whose header-declared size exceeds the machine's memory.
+
+    A few bytes of header (or a compressed file of zeros) can declare terabytes; reading it would end in the
+    out-of-memory killer instead of a message.
+
+    Raises:
+        DataError: naming ``source``, the size needed and the memory available.
+    """
+    need = float(np.prod([float(s) for s in shape])) * itemsize
+    memory = physical_memory()
+    if memory is not None and need > memory:
+        raise DataError(f"{source}: its arrays need {need / 2**30:.1f} GiB once decompressed, more than this "
+                        f"machine's {memory / 2**30:.1f} GiB of memory")
+
+
 def open_pil(path: Path) -> Any:
     """``PIL.Image.open`` with its failures as one-line :class:`DataError` naming the file.
 
@@ -334,7 +371,10 @@ def _dcmread(path: Path) -> Any:
     if not marker and not any(k in ds for k in _DICOM_EVIDENCE):
         raise DataError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, and none of the elements a "
                         "DICOM image carries: SOP class, modality, rows, columns, pixel data)")
-    ds._medssl_truncated = _truncation(ds, size)
+    try:
+        ds._medssl_truncated = _truncation(ds, size)
+    except Exception:  # a corrupt element that pydicom cannot even hand over raw: the decode reports it
+        ds._medssl_truncated = None
     return ds
 
 
@@ -589,15 +629,28 @@ def read_nifti(path: Path) -> ReadResult:
 
     3D volumes, 4D files whose 4th axis has at most 4 entries (channels: modalities, vector data) and 5D
     files with a singleton 4th axis are accepted; time series and other shapes are an error.
+    A voxel size of 0 or a non-finite one in the header is an error (nibabel would silently take 0 as 1 mm),
+    and so is a header whose shape needs more memory than the machine has (checked before reading).
     """
     import nibabel as nib
+    from nibabel.openers import ImageOpener
 
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+            with ImageOpener(str(path)) as fh:  # the header as written, before nibabel's fixes
+                pixdim = type(img.header).from_fileobj(fh, check=False)["pixdim"]
+        check_memory(path, img.shape, 4)
+        spatial = [float(v) for v in pixdim[1 : 1 + min(3, len(img.shape))]]
+        if not all(math.isfinite(v) and v != 0 for v in spatial):
+            raise DataError(f"{path}: invalid voxel size {tuple(spatial)} in the NIfTI header (pixdim[1..3] must be "
+                            "finite and non-zero)")
         if len(img.shape) >= 3:
             img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms())
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{path}: truncated or corrupt NIfTI ({type(exc).__name__}: {exc})") from exc
     shape = data.shape
@@ -621,11 +674,28 @@ def read_nifti(path: Path) -> ReadResult:
 
 
 def read_itk(path: Path) -> ReadResult:
-    """MHA / MHD / NRRD through SimpleITK (array order ``(D, H, W)``, vector pixels as channels)."""
+    """MHA / MHD / NRRD through SimpleITK (array order ``(D, H, W)``, vector pixels as channels).
+
+    The header is read first: a size beyond the machine's memory or a spacing that is not finite and > 0 is
+    an error before any pixel is read.
+    """
     try:
         import SimpleITK as sitk
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise DataError(f"{path}: reading {_suffix(path)} needs SimpleITK (pip install SimpleITK)") from exc
+    kind = _suffix(path).lstrip(".").upper()
+    try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()
+        header_spacing = tuple(float(s) for s in info.GetSpacing())
+        header_size = (*info.GetSize(), info.GetNumberOfComponents())
+    except Exception as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-200:] or type(exc).__name__
+        raise DataError(f"{path}: truncated or corrupt {kind} file ({detail})") from exc
+    check_memory(path, header_size, 4)
+    if not all(math.isfinite(v) and v > 0 for v in header_spacing):
+        raise DataError(f"{path}: invalid spacing {header_spacing} in the {kind} header (must be finite and > 0)")
     try:
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
@@ -633,7 +703,7 @@ def read_itk(path: Path) -> ReadResult:
         vector = img.GetNumberOfComponentsPerPixel() > 1
     except Exception as exc:
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-200:] or type(exc).__name__
-        raise DataError(f"{path}: truncated or corrupt {_suffix(path).lstrip('.').upper()} file ({detail})") from exc
+        raise DataError(f"{path}: truncated or corrupt {kind} file ({detail})") from exc
     res = _volume_layout(arr, path, spacing, channels_last=vector)
     res.modality = _suffix(path).lstrip(".")
     return res
