@@ -134,6 +134,9 @@ def inspect_data(spec: str, task: str | None = None, image_size: int | None = No
     report = InspectReport(summary=dataset.describe())
     files_of = _files_of(dataset)
     for i in range(len(dataset)):
+        if i in dataset.open_errors:  # found unreadable while opening (e.g. a folder image's header)
+            report.bad.append((dataset.sources[i], dataset.open_errors[i]))
+            continue
         if files_of is not None:
             image_shape = None
             for k, path in enumerate(files_of(i)):
