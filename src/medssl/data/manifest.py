@@ -12,6 +12,12 @@ Manifest columns (header names are case-sensitive, surrounding spaces ignored):
 * ``patient_id`` (optional) -- else the file name without its extension.
 * ``split`` (optional) -- ``train``/``val``/``test`` per row; else patient-level 70/10/20 splits (seeded).
 
+A manifest that leaks or contradicts itself is refused with one line naming the row(s): a patient in two
+splits (when ``patient_id`` and ``split`` are both given), one file (after resolving ``..`` and symlinks) with
+two labels, splits or patients, one integer class written two ways (``1`` / ``1.0`` / ``01``; integers are
+compared exactly, never through a float), a label or patient id that is a missing value written out
+(:data:`MISSING_TOKENS`), more than :data:`~medssl.data.base.MAX_CLASSES` classes.
+
 Items are read lazily: ``read_file`` -> ``to_unit_range`` -> (2D: zero-padded to a centred square) ->
 resized to ``image_size`` (2D default 224, 3D default 64). The dataset's ``spatial_dims`` and ``in_chans``
 come from the FIRST readable file of the manifest, read once at construction; later items with another
