@@ -98,7 +98,7 @@ class DataConfig:
     follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
-        if not self.spec.strip():
+        if not isinstance(self.spec, str) or not self.spec.strip():
             raise FieldError("spec", "must name a dataset (e.g. phantom2d, folder:DIR, csv:FILE.csv), got ''")
         check_range("image_size", self.image_size, ge=1, allow_none=True)
         check_range("num_workers", self.num_workers, ge=0)
