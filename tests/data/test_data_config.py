@@ -40,8 +40,5 @@ def test_good_values_and_constants() -> None:
     assert cfg.data.follow_symlinks and cfg.data.intensity.window == (40.0, 400.0)
     assert SPLIT_CHOICES == ("train", "train+val", "all") and "zscore" in INTENSITY_MODES
     assert DataConfig().follow_symlinks is False
-    from medssl.engine.trainer import SPLIT_CHOICES as trainer_choices
-
-    assert trainer_choices is SPLIT_CHOICES  # one constant, defined next to DataConfig
     with pytest.raises(ConfigError, match=r"^mode must be one of"):  # direct construction names the field
         IntensityConfig(mode="x")
