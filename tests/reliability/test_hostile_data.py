@@ -454,7 +454,7 @@ def test_hostile_input(case: Case, tmp_path: Path) -> None:
         assert needle in out, f"{needle!r} not in:\n{out}"
     if case.code == 2:
         assert "medssl: error: " in out and len([ln for ln in out.splitlines() if "error:" in ln]) == 1, out
-    assert seconds < 120, f"took {seconds:.0f} s"
+    assert seconds < 240, f"took {seconds:.0f} s"  # a hang is caught by the 300 s subprocess timeout
     if case.check is not None:
         case.check(tmp_path)
 
