@@ -80,6 +80,9 @@ class DataConfig:
         cache_dir: where; ``None`` = ``$MEDSSL_CACHE_DIR`` or ``~/.cache/medssl/items``.
         splits: a split manifest (``splits.csv`` of an earlier run) whose train/val/test assignment replaces
             the dataset's own.
+        follow_symlinks: ``folder:`` follows symlinked directories that lead out of the data root (by default
+            they are skipped with a warning; symlinks within the root and file symlinks are always followed,
+            and a symlink cycle is entered once).
     """
 
     spec: str = "phantom2d"
@@ -92,8 +95,13 @@ class DataConfig:
     cache: bool = True
     cache_dir: str | None = None
     splits: str | None = None
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise FieldError("spec", "must name a dataset (e.g. phantom2d, folder:DIR, csv:FILE.csv), got ''")
+        check_range("image_size", self.image_size, ge=1, allow_none=True)
+        check_range("num_workers", self.num_workers, ge=0)
         check_choice("split", self.split, SPLIT_CHOICES)
 
 

@@ -222,3 +222,90 @@ def test_drop_bad_on_a_clean_dataset_keeps_everything() -> None:
     kept = drop_bad(ds)
     assert len(kept) == 12 and kept.skipped == [] and kept.class_names == ds.class_names
     assert kept.has_masks and "mask" in kept[0]
+
+
+# -- manifests that leak or contradict themselves (issue 13) -----------------------------------------------
+def _pngs(root: Path, n: int) -> None:
+    for i in range(n):
+        _png(root / "img" / f"c{i}.png", seed=i)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("path,label,patient_id,split\nimg/c0.png,0,P1,train\nimg/c1.png,1,P2,train\n\nimg/c2.png,0,P1,test\n",
+         r"m\.csv: patient 'P1' is in split 'train' \(row 1 \(line 2\)\) and 'test' \(row 3 \(line 5\)\): "
+         r"test leakage"),
+        ("path,label\nimg/c0.png,benign\nimg/c1.png,benign\nimg/c0.png,malignant\n",
+         r"m\.csv: row 1 \(line 2\) and row 3 \(line 4\) list the same file .*c0\.png with different label "
+         r"\('benign' and 'malignant'\)"),
+        ("path,label\nimg/c0.png,benign\n./img/../img/c0.png,malignant\n",
+         r"row 1 \(line 2\) and row 2 \(line 3\) list the same file"),
+        ("path,split\nimg/c0.png,train\nimg/c1.png,train\nimg/c0.png,test\n",
+         r"row 1 \(line 2\) and row 3 \(line 4\) list the same file .*c0\.png in splits 'train' and 'test': "
+         r"test leakage"),
+        ("path,label:mass,label:calc\nimg/c0.png,1,0\nimg/c0.png,1,1\n", r"with different label:calc \('0' and '1'\)"),
+        ("path,label\nimg/c0.png,1\nimg/c1.png,0\nimg/c2.png,1.0\n",
+         r"m\.csv: labels '1' \(row 1 \(line 2\)\) and '1\.0' \(row 3 \(line 4\)\) are the same number written two "
+         r"ways"),
+        ("path,label\nimg/c0.png,1\nimg/c1.png,01\n", r"labels '1' \(row 1 \(line 2\)\) and '01' \(row 2"),
+        ("path,label\nimg/c0.png,0\nimg/c1.png,nan\nimg/c2.png,NaN\n",
+         r"m\.csv: row 2 \(line 3\): label 'nan' looks like a missing value \(2 such row\(s\)\)"),
+        ("path,label\nimg/c0.png,0\nimg/c1.png,None\n", r"row 2 \(line 3\): label 'None' looks like a missing value"),
+        ("path,label,patient_id\nimg/c0.png,0,nan\n", r"row 1 \(line 2\): patient_id 'nan' looks like a missing value"),
+        ("path;label\nimg/c0.png;0\n", r"no 'path' column \(columns: path;label\); it looks ';'-separated, medssl reads "
+                                       r"comma-separated manifests"),
+        ("path\tlabel\nimg/c0.png\t0\n", r"it looks tab-separated"),
+        ("file,label\nimg/c0.png,0\n", r"no 'path' column \(columns: file, label\); a manifest needs"),
+        ("path,label\n\n\nimg/c0.png,0\nimg/nope.png,1\n", r"row 2 \(line 5\): file not found: img/nope\.png"),
+    ],
+)
+def test_manifests_that_leak_or_contradict_are_refused(tmp_path: Path, content: str, needle: str) -> None:
+    _pngs(tmp_path, 3)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(content)
+    with pytest.raises(DataError, match=needle):
+        open_dataset(f"csv:{csv_path}", image_size=8)
+
+
+def test_integer_labels_never_collide_through_floats(tmp_path: Path) -> None:
+    _pngs(tmp_path, 3)
+    big = (tmp_path / "m.csv")
+    big.write_text("path,label\nimg/c0.png,9007199254740993\nimg/c1.png,9007199254740992\nimg/c2.png,2\n")
+    ds = open_dataset(f"csv:{big}", image_size=8)  # equal as float64: one class before
+    assert ds.class_names == ["2", "9007199254740992", "9007199254740993"] and list(ds.labels) == [2, 1, 0]
+    uniform = tmp_path / "u.csv"
+    uniform.write_text("path,label\nimg/c0.png,1.0\nimg/c1.png,0.0\nimg/c2.png,1.0\n")  # pandas' float column
+    ds = open_dataset(f"csv:{uniform}", image_size=8)
+    assert ds.class_names == ["0", "1"] and list(ds.labels) == [1, 0, 1]
+
+
+def test_exact_duplicate_rows_are_kept_with_a_warning_and_bom_is_read(tmp_path: Path, caplog) -> None:
+    _pngs(tmp_path, 2)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_bytes("\ufeffpath,label\nimg/c0.png,a\nimg/c1.png,b\nimg/c0.png,a\n".encode())
+    with caplog.at_level("WARNING", logger="medssl"):
+        ds = open_dataset(f"csv:{csv_path}", image_size=8)
+    assert len(ds) == 3 and ds.class_names == ["a", "b"]
+    assert "1 file(s) listed more than once with the same values (first: row 1 (line 2) and row 3 (line 4))" in caplog.text
+
+
+def test_paths_leaving_the_csv_folder_are_allowed_and_resolved(tmp_path: Path) -> None:
+    """Relative paths are relative to the CSV; '..' may leave its folder (absolute paths may go anywhere too)."""
+    _png(tmp_path / "outside.png")
+    (tmp_path / "sub").mkdir()
+    csv_path = tmp_path / "sub" / "m.csv"
+    csv_path.write_text("path\n../outside.png\n")
+    ds = open_dataset(f"csv:{csv_path}", image_size=8)
+    assert Path(ds.sources[0]).resolve() == (tmp_path / "outside.png").resolve()
+    assert ds[0]["image"].shape == (1, 8, 8)
+
+
+def test_too_many_label_classes_is_an_error(tmp_path: Path) -> None:
+    from medssl.data.base import MAX_CLASSES
+
+    _png(tmp_path / "a.png")
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label\n" + "".join(f"a.png,id{i}\n" for i in range(MAX_CLASSES + 1)))
+    with pytest.raises(DataError, match=r"10001 distinct labels; medssl takes at most 10000 classes"):
+        CsvDataset(csv_path, image_size=8)

@@ -173,3 +173,95 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         open_dataset(f"npz:{truncated}")
     with pytest.raises(DataError, match="no task 'margin'"):
         open_dataset(f"npz:{_bad(tmp_path)}", task="margin")
+
+
+# -- hostile labels and archives (issue 13) ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"train_labels": np.array([[0]] * 6 + [[2**40]], np.int64)},
+         r"'train_labels' holds label 1099511627776 \(first large one at row 6\); medssl takes class indices "
+         r"below 10000"),
+        ({"train_labels": np.array([[0]] * 6 + [[2**63]], np.uint64)}, r"holds label 9223372036854775808"),
+        ({"val_labels": np.array([[0.0], [np.nan]])}, r"'val_labels' has dtype float64 with 1 NaN / inf label"),
+        ({"val_labels": np.array([[0.0], [np.inf]])}, r"'val_labels' has dtype float64 with 1 NaN / inf label"),
+        ({"val_labels": np.array([[0.0], [1.5]])}, r"'val_labels' has dtype float64 with non-integer labels "
+                                                   r"\(e\.g\. \[1\.5\] at row 1\)"),
+        ({"val_labels": np.array([[0], [-3]], np.int64)}, r"'val_labels' holds negative labels \(min -3, first at row 1"),
+        ({"val_labels": np.zeros((3, 1), np.uint8)}, r"'val_labels' has 3 rows but 'val_images' has 2 images"),
+        ({"val_labels": np.zeros((2, 1, 1), np.uint8)}, r"'val_labels' has shape \(2, 1, 1\)"),
+        ({"val_labels": np.array([["a"], ["b"]])}, r"'val_labels' has dtype <U1; expected integer"),
+        ({"train_labels": np.arange(100, 107)[:, None]},
+         r"the largest label is 106, so 107 classes for 12 images; labels must be class indices"),
+        ({"train_labels": np.zeros((7, 10_001), np.uint8), "val_labels": np.zeros((2, 10_001), np.uint8),
+          "test_labels": np.zeros((3, 10_001), np.uint8)}, r"10001 columns; medssl takes at most 10000"),
+    ],
+)
+def test_labels_are_validated_before_anything_is_sized_by_them(tmp_path: Path, changes: dict, needle: str) -> None:
+    import tracemalloc
+
+    path = _bad(tmp_path, **changes)
+    tracemalloc.start()
+    with pytest.raises(DataError, match=needle) as info:
+        open_dataset(f"npz:{path}")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(path) in str(info.value) and peak < 64 * 2**20  # no list of 2**40 class names
+
+
+def test_integral_float_labels_are_class_indices(tmp_path: Path) -> None:
+    path = _bad(tmp_path, train_labels=np.array([[0.0], [1.0], [2.0], [0.0], [1.0], [2.0], [2.0]]))
+    ds = open_dataset(f"npz:{path}")
+    assert ds.num_classes == 3 and ds.labels is not None and ds.labels.dtype == np.int64
+    assert list(ds.labels[:7]) == [0, 1, 2, 0, 1, 2, 2]
+
+
+def _zip_npz(path: Path, members: dict[str, bytes]) -> Path:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for split, n in COUNTS.items():
+            for key, arr in ((f"{split}_images", np.zeros((n, 6, 6), np.uint8)),
+                             (f"{split}_labels", np.zeros((n, 1), np.uint8))):
+                buf = io.BytesIO()
+                np.save(buf, arr)
+                z.writestr(f"{key}.npy", buf.getvalue())
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_pickled_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> None:
+    import io
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([Payload()], dtype=object), allow_pickle=True)
+    path = _zip_npz(tmp_path / "obj.npz", {"extra.npy": buf.getvalue()})
+    with pytest.raises(DataError, match=r"obj\.npz: key 'extra' holds Python objects \(a pickled object array\); "
+                                        r"medssl never unpickles"):
+        open_dataset(f"npz:{path}")
+    assert not marker.exists()
+    raw = tmp_path / "raw.npz"
+    raw.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError, match=r"raw\.npz: cannot read as \.npz"):
+        open_dataset(f"npz:{raw}")
+    assert not marker.exists()
+
+
+def test_an_array_header_claiming_a_terabyte_is_refused_before_reading(tmp_path: Path) -> None:
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**40,)})
+    path = _zip_npz(tmp_path / "big.npz", {"big.npy": header.getvalue()})
+    with pytest.raises(DataError, match=r"big\.npz: its arrays need 1024\.0 GiB once decompressed, more than this "
+                                        r"machine's"):
+        open_dataset(f"npz:{path}")

@@ -209,3 +209,130 @@ def test_png_8_and_16_bit_rgba_and_errors(tmp_path: Path) -> None:
 def test_dicom_without_suffix_is_sniffed(tmp_path: Path) -> None:
     shutil.copy(dcm("CT_small.dcm"), tmp_path / "IM0001")
     assert read_file(tmp_path / "IM0001").modality == "CT"
+
+
+# -- hostile files (issue 13) ------------------------------------------------------------------------------
+def _nifti(path: Path, array: np.ndarray) -> Path:
+    import nibabel as nib
+
+    nib.Nifti1Image(array, np.eye(4)).to_filename(path)
+    return path
+
+
+def test_non_finite_values_make_a_bad_file_not_a_blank_image(tmp_path: Path) -> None:
+    """One NaN used to make the percentiles NaN and nan_to_num blanked the whole volume to 0, silently."""
+    vol = np.random.default_rng(0).uniform(0, 100, (6, 7, 8)).astype(np.float32)
+    vol[1, 2, 3] = np.nan
+    vol[4, 5, 6] = np.inf
+    vol[0, 0, 0] = -np.inf
+    path = _nifti(tmp_path / "nan.nii.gz", vol)
+    with pytest.raises(DataError, match=r"nan\.nii\.gz: 3 non-finite value\(s\) \(1 NaN, 2 inf\) among 336"):
+        read_file(path)
+    import SimpleITK as sitk
+
+    mha = tmp_path / "nan.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isinf(vol), 1.0, vol).astype(np.float32)), str(mha))
+    with pytest.raises(DataError, match=r"nan\.mha: 1 non-finite value\(s\) \(1 NaN, 0 inf\)"):
+        read_file(mha)
+    # to_unit_range refuses them too (a ReadResult built by hand), instead of returning zeros
+    ok = read_file(_nifti(tmp_path / "ok.nii.gz", np.nan_to_num(vol, posinf=5.0, neginf=5.0)))
+    ok.array[0, 0, 0, 0] = np.nan
+    for mode in ("percentile", "minmax", "zscore"):
+        with pytest.raises(DataError, match=r"ok\.nii\.gz: 1 non-finite"):
+            to_unit_range(ok, mode)
+
+
+def test_a_text_file_named_dcm_is_not_a_dicom_and_a_cut_dicom_is_truncated(tmp_path: Path) -> None:
+    text = tmp_path / "notes.dcm"
+    text.write_text("this is a text file, not a DICOM\n" * 20)
+    with pytest.raises(DataError, match=r"notes\.dcm: not a DICOM file \(no 'DICM' marker"):
+        read_file(text)
+    good = dcm("CT_small.dcm").read_bytes()
+    for n, needle in [(200, "it ends inside its header"), (1000, "it ends at byte 1000, inside element"),
+                      (2000, "it ends inside a tag header"), (7000, "it ends at byte 7000, inside element")]:
+        cut = tmp_path / f"cut{n}.dcm"
+        cut.write_bytes(good[:n])
+        with pytest.raises(DataError, match=rf"cut{n}\.dcm: truncated") as info:
+            read_file(cut)
+        assert needle in str(info.value) and "no pixel data" not in str(info.value)
+    short = tmp_path / "short.dcm"
+    short.write_bytes(good[:100])
+    with pytest.raises(DataError, match=r"short\.dcm: not a DICOM file, or truncated: 100 bytes"):
+        read_file(short)
+    with pytest.raises(DataError, match=r"MR_truncated\.dcm: .*the file is truncated, it ends at byte 9630"):
+        read_file(dcm("MR_truncated.dcm"))
+    with pytest.raises(DataError, match=r"test-SR\.dcm: DICOM file has no pixel data \(Comprehensive SR Storage: "
+                                        r"not an image\)"):
+        read_file(dcm("test-SR.dcm"))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature + IHDR chunk declaring ``width`` x ``height`` 8-bit gray (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_empty_and_zero_size_images_are_bad_files(tmp_path: Path) -> None:
+    from PIL import Image
+
+    limit_before = Image.MAX_IMAGE_PIXELS
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(100_000, 100_000))  # 10^10 pixels declared in 57 bytes
+    with pytest.raises(DataError, match=r"bomb\.png: refused as a possible decompression bomb"):
+        read_file(bomb)
+    assert Image.MAX_IMAGE_PIXELS == limit_before  # medssl leaves Pillow's global limit alone
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(_png_header(0, 0))
+    with pytest.raises(DataError, match=r"zero\.png: not a readable image"):
+        read_file(zero)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.png: empty file \(0 bytes\)"):
+        read_file(empty)
+
+
+def test_constant_value() -> None:
+    from medssl.data.readers import constant_value
+
+    assert constant_value(np.full((1, 4, 4), -1024.0, np.float32)) == -1024.0
+    assert constant_value(np.arange(4.0)) is None and constant_value(np.zeros(0)) is None
+
+
+def _patched_nifti(tmp_path: Path, name: str, offset: int, fmt: str, *values: float) -> Path:
+    """A real NIfTI-1 file with header bytes at ``offset`` overwritten (pixdim at 76, dim at 40)."""
+    import struct
+
+    path = _nifti(tmp_path / name, np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8))
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_bad_voxel_sizes_and_header_bombs_are_refused_before_reading(tmp_path: Path, capfd) -> None:
+    zero = _patched_nifti(tmp_path, "zero.nii", 80, "<f", 0.0)  # pixdim[1]: nibabel would take 0 as 1 mm
+    with pytest.raises(DataError, match=r"zero\.nii: invalid voxel size \(0\.0, 1\.0, 1\.0\) in the NIfTI header"):
+        read_file(zero)
+    assert "pixdim" not in capfd.readouterr().err  # nibabel's own stderr line is silenced
+    with pytest.raises(DataError, match=r"nan\.nii: invalid voxel size \(nan, 1\.0, 1\.0\)"):
+        read_file(_patched_nifti(tmp_path, "nan.nii", 80, "<f", float("nan")))
+    big = _patched_nifti(tmp_path, "big.nii", 42, "<hhh", 30000, 30000, 30000)  # dim[1..3]
+    with pytest.raises(DataError, match=r"big\.nii: its arrays need 100582\.8 GiB once decompressed"):
+        read_file(big)
+    header = "ObjectType = Image\nNDims = 3\nDimSize = {}\nElementSpacing = {}\nElementType = MET_UCHAR\n" \
+             "ElementDataFile = LOCAL\n"
+    for name, size, spacing, needle in [("s0.mha", "2 2 2", "0 1 1", r"s0\.mha: invalid spacing \(0\.0, 1\.0, 1\.0\)"),
+                                        ("huge.mha", "100000 100000 1000", "1 1 1", r"huge\.mha: its arrays need")]:
+        (tmp_path / name).write_bytes(header.format(size, spacing).encode() + bytes(range(8)))
+        with pytest.raises(DataError, match=needle):
+            read_file(tmp_path / name)
+    five = tmp_path / "five.nii.gz"
+    _nifti(five, np.zeros((4, 4, 4, 2, 3), np.float32))
+    with pytest.raises(DataError, match=r"five\.nii\.gz: NIfTI with unsupported dimensions \(4, 4, 4, 2, 3\)"):
+        read_file(five)

@@ -25,6 +25,10 @@ from medssl.errors import DataError
 
 from .splits import SPLIT_NAMES
 
+#: The most classes a dataset may define (a sanity cap: more is almost always an id column or a corrupt label
+#: such as 2**40, which would otherwise allocate one class name per value).
+MAX_CLASSES = 10_000
+
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     """Resizes a channel-first 2D or 3D image so every spatial side equals ``size``.
@@ -72,6 +76,11 @@ class ImageDataset(Dataset):
         task: Name of the chosen labelling task (``None`` when unlabelled).
         tasks: Names of the tasks this dataset offers.
         has_masks: Whether items carry a ``"mask"`` entry.
+        open_errors: ``{index: reason}`` of the items found unreadable while the dataset was opened (e.g. a
+            ``folder:`` image whose header Pillow cannot read). They stay in the dataset so that ``--skip-bad``
+            and ``medssl inspect`` list them all; reading such an item raises its :class:`DataError`, and
+            :meth:`check_open_errors` (called by ``open_from_config`` unless ``data.skip_bad``) stops a run
+            before training.
     """
 
     name: str
@@ -87,6 +96,7 @@ class ImageDataset(Dataset):
     task: str | None
     tasks: tuple[str, ...]
     has_masks: bool
+    open_errors: dict[int, str] = {}  # noqa: RUF012  (replaced per instance, never mutated in place)
 
     def _set_metadata(
         self,
@@ -180,8 +190,24 @@ class ImageDataset(Dataset):
         self._cache = ItemCache(root, self.preprocessing())
         return True
 
+    def check_open_errors(self) -> None:
+        """Raise the first of :attr:`open_errors` (with how many more there are); nothing when there are none.
+
+        Raises:
+            DataError: one line naming the first unreadable file, the count and the ways out.
+        """
+        if not self.open_errors:
+            return
+        first = min(self.open_errors)
+        more = len(self.open_errors) - 1
+        also = f" (and {more} more unreadable file(s))" if more else ""
+        raise DataError(f"{self.open_errors[first]}{also}; skip them with --skip-bad (data.skip_bad=true), "
+                        f"list them with `medssl inspect --data {self.name}`")
+
     def _load_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_load` through the cache when one is enabled."""
+        """:meth:`_load` through the cache when one is enabled (an item in :attr:`open_errors` raises its error)."""
+        if index in self.open_errors:
+            raise DataError(self.open_errors[index])
         cache = self._cache
         if cache is None:
             return self._load(index)

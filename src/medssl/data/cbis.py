@@ -47,7 +47,7 @@ import torch
 from medssl.errors import DataError
 
 from .base import ImageDataset
-from .manifest import load_file_image, read_result
+from .manifest import first_readable, load_file_image
 from .readers import DICOM_SUFFIXES, IntensityConfig
 from .splits import assign_patient_splits
 
@@ -176,9 +176,9 @@ class CbisDdsmDataset(ImageDataset):
         if train.any():
             sub = assign_patient_splits(patients[train], fractions=(0.9, 0.1, 0.0), seed=seed)
             splits[train] = sub
-        first = read_result(self.files[0])
+        first = first_readable(self.files, str(self.root))  # a bad file is left to --skip-bad / inspect
         if first.spatial_dims != 2:
-            raise DataError(f"{self.files[0]}: a CBIS-DDSM image must be 2D, got a {first.spatial_dims}D file")
+            raise DataError(f"{first.source}: a CBIS-DDSM image must be 2D, got a {first.spatial_dims}D file")
         self._set_metadata(
             name=name or f"cbis-ddsm:{self.root}",
             spatial_dims=2,

@@ -6,7 +6,9 @@ where it has one -- e.g. an ISIC image and its mask -- else its ``sources`` when
 (phantoms, npz) through the dataset's own items. It gathers shapes, voxel spacings, bit depths,
 modalities and intensity ranges, and lists every unreadable or inconsistent file (wrong number of spatial
 dimensions for the dataset, unsupported channel count, non-finite values, a mask whose shape differs from
-its image) with the reason. :func:`format_report` renders the text the CLI prints.
+its image) with the reason. Constant images (every pixel equal: a RescaleSlope of 0, an all-black export)
+are readable but carry no information: they are listed as warnings, not as bad files (training on them is
+harmless, the run log warns too). :func:`format_report` renders the text the CLI prints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from medssl.errors import DataError
 
 from .base import ImageDataset
+from .readers import constant_value
 from .splits import SPLIT_NAMES
 
 
@@ -38,6 +41,7 @@ class InspectReport:
         intensity_min: Smallest value seen (original units), ``None`` when nothing was read.
         intensity_max: Largest value seen (original units).
         bad: ``(file, reason)`` for every unreadable or inconsistent file.
+        warnings: ``(file, note)`` for readable files that look wrong (constant images).
     """
 
     summary: dict[str, Any]
@@ -49,6 +53,12 @@ class InspectReport:
     intensity_min: float | None = None
     intensity_max: float | None = None
     bad: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+    def _constant(self, source: str, array: np.ndarray) -> None:
+        value = constant_value(array)
+        if value is not None:
+            self.warnings.append((source, f"constant image: every pixel is {value:g}"))
 
     def _range(self, array: np.ndarray) -> None:
         lo, hi = float(np.min(array)), float(np.max(array))
@@ -102,6 +112,7 @@ def _check_file(
         problems.append("non-finite values (NaN or inf)")
     elif not is_mask:
         report._range(array)
+        report._constant(path, array)
     spatial = tuple(int(s) for s in array.shape[1:])
     if is_mask and image_shape is not None and spatial != image_shape:
         problems.append(f"mask shape {spatial} differs from its image's {image_shape}")
@@ -123,6 +134,9 @@ def inspect_data(spec: str, task: str | None = None, image_size: int | None = No
     report = InspectReport(summary=dataset.describe())
     files_of = _files_of(dataset)
     for i in range(len(dataset)):
+        if i in dataset.open_errors:  # found unreadable while opening (e.g. a folder image's header)
+            report.bad.append((dataset.sources[i], dataset.open_errors[i]))
+            continue
         if files_of is not None:
             image_shape = None
             for k, path in enumerate(files_of(i)):
@@ -142,6 +156,7 @@ def inspect_data(spec: str, task: str | None = None, image_size: int | None = No
         report.bit_depths["none"] += 1
         report.modalities["none"] += 1
         report._range(image)
+        report._constant(dataset.sources[i], image)
     return report
 
 
@@ -186,7 +201,15 @@ def format_report(report: InspectReport) -> str:
         )
     if report.bad:
         lines.append(f"unreadable or inconsistent files: {len(report.bad)}")
-        lines += [f"  {path}: {reason}" for path, reason in report.bad]
+        lines += [f"  {_named(path, reason)}" for path, reason in report.bad]
     else:
         lines.append("all files readable")
+    if report.warnings:
+        lines.append(f"warnings: {len(report.warnings)} (kept for training; often a broken export)")
+        lines += [f"  {_named(path, note)}" for path, note in report.warnings]
     return "\n".join(lines)
+
+
+def _named(path: str, reason: str) -> str:
+    """``path: reason`` without repeating the path when the reason already starts with it."""
+    return reason if reason.startswith(f"{path}:") else f"{path}: {reason}"

@@ -12,6 +12,12 @@ Manifest columns (header names are case-sensitive, surrounding spaces ignored):
 * ``patient_id`` (optional) -- else the file name without its extension.
 * ``split`` (optional) -- ``train``/``val``/``test`` per row; else patient-level 70/10/20 splits (seeded).
 
+A manifest that leaks or contradicts itself is refused with one line naming the row(s): a patient in two
+splits (when ``patient_id`` and ``split`` are both given), one file (after resolving ``..`` and symlinks) with
+two labels, splits or patients, one integer class written two ways (``1`` / ``1.0`` / ``01``; integers are
+compared exactly, never through a float), a label or patient id that is a missing value written out
+(:data:`MISSING_TOKENS`), more than :data:`~medssl.data.base.MAX_CLASSES` classes.
+
 Items are read lazily: ``read_file`` -> ``to_unit_range`` -> (2D: zero-padded to a centred square) ->
 resized to ``image_size`` (2D default 224, 3D default 64). The dataset's ``spatial_dims`` and ``in_chans``
 come from the FIRST readable file of the manifest, read once at construction; later items with another
@@ -25,6 +31,9 @@ the unreadable ones, listing them (path, reason) in ``.skipped``.
 from __future__ import annotations
 
 import csv
+import logging
+import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +42,11 @@ import torch
 
 from medssl.errors import DataError
 
-from .base import ImageDataset, resize_image
+from .base import MAX_CLASSES, ImageDataset, resize_image
 from .folder import pad_to_square
 from .splits import SPLIT_NAMES, assign_patient_splits
+
+log = logging.getLogger("medssl")
 
 CSV_DEFAULT_SIZE_2D = 224
 CSV_DEFAULT_SIZE_3D = 64
@@ -68,6 +79,21 @@ def read_result(path: str | Path) -> Any:
         raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def first_readable(files: list[Path], where: str) -> Any:
+    """The :class:`~medssl.data.readers.ReadResult` of the first of ``files`` that reads.
+
+    Raises:
+        DataError: none of them reads (naming ``where`` and the first problem).
+    """
+    first_problem = None
+    for p in files:
+        try:
+            return read_result(p)
+        except DataError as exc:
+            first_problem = first_problem or str(exc)
+    raise DataError(f"{where}: no readable file among {len(files)} (first problem: {first_problem})")
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in _DOUBLE_SUFFIXES:
@@ -76,26 +102,147 @@ def _stem(path: Path) -> str:
     return path.stem if path.suffix else name
 
 
-def _to_int_labels(values: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Class indices and sorted class names for one ``label`` column."""
-    as_int: list[int] | None = []
-    for v in values:
-        try:
-            f = float(v)
-        except ValueError:
-            as_int = None
-            break
-        if not np.isfinite(f) or int(f) != f:
-            as_int = None
-            break
-        as_int.append(int(f))
-    if as_int is not None:
-        names_int = sorted(set(as_int))
-        lookup_int = {c: i for i, c in enumerate(names_int)}
-        return np.array([lookup_int[v] for v in as_int], dtype=np.int64), [str(c) for c in names_int]
+#: Label / patient values that are a missing value written out (pandas writes NaN as ``nan``), not a class.
+MISSING_TOKENS = frozenset({"nan", "na", "n/a", "none", "null", "nat"})
+
+
+class _Rows:
+    """Names manifest rows in messages: ``FILE: row 3 (line 4)`` (rows count data rows from 1; lines are the
+    CSV's own, header and blank lines included)."""
+
+    def __init__(self, csv_path: Path, lines: list[int]) -> None:
+        self.csv_path, self.lines = csv_path, lines
+
+    def row(self, i: int) -> str:
+        return f"row {i + 1} (line {self.lines[i]})"
+
+    def at(self, i: int) -> str:
+        return f"{self.csv_path}: {self.row(i)}"
+
+
+def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """The header, the non-blank rows (values stripped) and each row's line number.
+
+    Raises:
+        DataError: unreadable or non-UTF-8 file, no ``path`` column (with a hint when the file looks
+            separated by ``;``, tab or ``|`` rather than commas), or no rows.
+    """
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows, lines = [], []
+            for r in reader:
+                row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()}
+                if any(row.values()):
+                    rows.append(row)
+                    lines.append(reader.line_num)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read manifest {csv_path}: {exc}") from exc
+    if "path" not in header:
+        seps = [name for sep, name in ((";", "';'"), ("\t", "tab"), ("|", "'|'")) if any(sep in h for h in header)]
+        hint = f"; it looks {seps[0]}-separated, medssl reads comma-separated manifests" if seps else ""
+        raise DataError(
+            f"{csv_path}: no 'path' column (columns: {', '.join(header) or 'none'}){hint}; a manifest needs "
+            "'path' and optionally 'label' or 'label:<name>' columns, 'patient_id', 'split'"
+        )
+    if not rows:
+        raise DataError(f"{csv_path}: empty manifest (no rows)")
+    return header, rows, lines
+
+
+def _check_no_leakage(patient_ids: np.ndarray, splits: list[str], where: _Rows) -> None:
+    """With a ``split`` and a ``patient_id`` column, each patient must be in one split (else the test leaks)."""
+    first: dict[str, int] = {}
+    for i, (pid, split) in enumerate(zip(patient_ids.tolist(), splits, strict=True)):
+        j = first.setdefault(pid, i)
+        if splits[j] != split:
+            raise DataError(
+                f"{where.csv_path}: patient {pid!r} is in split {splits[j]!r} ({where.row(j)}) and {split!r} "
+                f"({where.row(i)}): test leakage — all images of a patient must be in one split"
+            )
+
+
+def _check_duplicates(files: list[Path], rows: list[dict[str, str]], label_cols: list[str], splits: list[str],
+                      where: _Rows) -> None:
+    """The same file (after resolving ``..`` and symlinks) listed twice must not contradict itself.
+
+    Different labels, splits or patients for one file is an error naming both rows; an exact repeat is
+    kept (it weighs the file twice) with a warning.
+    """
+    first: dict[str, int] = {}
+    repeats = []
+    for i, p in enumerate(files):
+        key = os.path.normcase(os.path.realpath(p))
+        j = first.setdefault(key, i)
+        if j == i:
+            continue
+        both = f"{where.row(j)} and {where.row(i)}"
+        for col in label_cols:
+            if rows[j].get(col, "") != rows[i].get(col, ""):
+                raise DataError(f"{where.csv_path}: {both} list the same file {p} with different {col} "
+                                f"({rows[j].get(col, '')!r} and {rows[i].get(col, '')!r})")
+        if splits[j] != splits[i]:
+            raise DataError(f"{where.csv_path}: {both} list the same file {p} in splits {splits[j]!r} and "
+                            f"{splits[i]!r}: test leakage")
+        if rows[j].get("patient_id", "") != rows[i].get("patient_id", ""):
+            raise DataError(f"{where.csv_path}: {both} list the same file {p} for patients "
+                            f"{rows[j].get('patient_id', '')!r} and {rows[i].get('patient_id', '')!r}")
+        repeats.append(both)
+    if repeats:
+        log.warning("%s: %d file(s) listed more than once with the same values (first: %s); each copy is an item",
+                    where.csv_path, len(repeats), repeats[0])
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an exact integer (``3``, ``03``, ``3.0``, ``3e2``), else ``None``.
+
+    Parsed with :class:`decimal.Decimal`, never through a float, so ``9007199254740993`` stays distinct from
+    ``9007199254740992``; numbers with more than 18 digits are not taken as integers (no giant ints).
+    """
+    try:
+        d = Decimal(text)
+    except InvalidOperation:
+        return None
+    if not d.is_finite() or d.adjusted() > 18 or d != d.to_integral_value():
+        return None
+    return int(d)
+
+
+def _to_int_labels(values: list[str], where: _Rows) -> tuple[np.ndarray, list[str]]:
+    """Class indices and sorted class names for one ``label`` column.
+
+    When every value is an integer, classes are the integers, sorted numerically; one class written two
+    ways (``1`` and ``1.0``, ``1`` and ``01``) is an error naming both rows rather than a silent merge.
+    Otherwise classes are the strings, sorted.
+
+    Raises:
+        DataError: a class spelled two ways, or more than :data:`MAX_CLASSES` classes.
+    """
+    ints = [_integer(v) for v in values]
+    if all(x is not None for x in ints):
+        spelled: dict[int, int] = {}
+        for i, x in enumerate(ints):
+            j = spelled.setdefault(x, i)  # type: ignore[arg-type]
+            if values[j] != values[i]:
+                raise DataError(
+                    f"{where.csv_path}: labels {values[j]!r} ({where.row(j)}) and {values[i]!r} ({where.row(i)}) are "
+                    "the same number written two ways; write each class one way"
+                )
+        names_int = sorted(spelled)
+        _check_class_count(len(names_int), where)
+        lookup_int = {c: k for k, c in enumerate(names_int)}
+        return np.array([lookup_int[x] for x in ints], dtype=np.int64), [str(c) for c in names_int]  # type: ignore[index]
     names = sorted(set(values))
-    lookup = {c: i for i, c in enumerate(names)}
+    _check_class_count(len(names), where)
+    lookup = {c: k for k, c in enumerate(names)}
     return np.array([lookup[v] for v in values], dtype=np.int64), names
+
+
+def _check_class_count(n: int, where: _Rows) -> None:
+    if n > MAX_CLASSES:
+        raise DataError(f"{where.csv_path}: {n} distinct labels; medssl takes at most {MAX_CLASSES} classes — "
+                        "is the label column an id?")
 
 
 def _to_channels(array: np.ndarray, path: str) -> np.ndarray:
@@ -148,44 +295,34 @@ class CsvDataset(ImageDataset):
             raise DataError(f"manifest not found: {self.csv_path}")
         if not self.csv_path.is_file():
             raise DataError(f"{self.csv_path}: not a file ({kind}: expects a CSV manifest)")
-        try:
-            with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                header = [h.strip() for h in (reader.fieldnames or [])]
-                raw_rows = [
-                    {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()}
-                    for r in reader
-                ]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"cannot read manifest {self.csv_path}: {exc}") from exc
-        if "path" not in header:
-            raise DataError(
-                f"{self.csv_path}: no 'path' column (columns: {', '.join(header) or 'none'}); a manifest needs "
-                "'path' and optionally 'label' or 'label:<name>' columns, 'patient_id', 'split'"
-            )
-        rows = [r for r in raw_rows if any(r.values())]
-        if not rows:
-            raise DataError(f"{self.csv_path}: empty manifest (no rows)")
+        header, rows, lines = _read_rows(self.csv_path)
+        where = _Rows(self.csv_path, lines)
         base = self.csv_path.parent
         files: list[Path] = []
-        for i, r in enumerate(rows, start=1):
+        for i, r in enumerate(rows):
             text = r.get("path", "")
             if not text:
-                raise DataError(f"{self.csv_path}: row {i} (line {i + 1}): empty 'path'")
+                raise DataError(f"{where.at(i)}: empty 'path'")
             p = Path(text).expanduser()
             p = p if p.is_absolute() else base / p
             if not p.exists():
-                raise DataError(f"{self.csv_path}: row {i} (line {i + 1}): file not found: {text} ({p})")
+                raise DataError(f"{where.at(i)}: file not found: {text} ({p})")
             files.append(p)
 
         # Labels.
         def column(col: str) -> list[str]:
             values = [r.get(col, "") for r in rows]
-            empty = [i for i, v in enumerate(values, start=1) if v == ""]
+            empty = [i for i, v in enumerate(values) if v == ""]
             if empty:
                 raise DataError(
-                    f"{self.csv_path}: column {col!r} has {len(empty)} empty value(s) (first: row {empty[0]}, "
-                    f"line {empty[0] + 1})"
+                    f"{self.csv_path}: column {col!r} has {len(empty)} empty value(s) (first: "
+                    f"{where.row(empty[0])})"
+                )
+            missing = [i for i, v in enumerate(values) if v.lower() in MISSING_TOKENS]
+            if missing:
+                raise DataError(
+                    f"{where.at(missing[0])}: {col} {values[missing[0]]!r} looks like a missing value "
+                    f"({len(missing)} such row(s)); give every row a value or leave the rows out"
                 )
             return values
 
@@ -203,9 +340,12 @@ class CsvDataset(ImageDataset):
         labels: np.ndarray | None = None
         class_names: list[str] = []
         if chosen == "label":
-            labels, class_names = _to_int_labels(column("label"))
+            labels, class_names = _to_int_labels(column("label"), where)
         elif chosen == "multilabel":
             class_names = [h.removeprefix("label:") for h in ml_cols]
+            if len(class_names) > MAX_CLASSES:
+                raise DataError(f"{self.csv_path}: {len(class_names)} label: columns; medssl takes at most "
+                                f"{MAX_CLASSES} classes")
             matrix = np.zeros((len(rows), len(ml_cols)), dtype=np.int64)
             for j, col in enumerate(ml_cols):
                 for i, v in enumerate(column(col)):
@@ -215,42 +355,38 @@ class CsvDataset(ImageDataset):
                         f = -1.0
                     if f not in (0.0, 1.0):
                         raise DataError(
-                            f"{self.csv_path}: column {col!r} row {i + 1} (line {i + 2}): {v!r} is not 0 or 1"
+                            f"{self.csv_path}: column {col!r} {where.row(i)}: {v!r} is not 0 or 1"
                         )
                     matrix[i, j] = int(f)
             labels = matrix
 
         # Patients and splits.
+        if "patient_id" in header:
+            for i, r in enumerate(rows):
+                if r.get("patient_id", "").lower() in MISSING_TOKENS:
+                    raise DataError(f"{where.at(i)}: patient_id {r['patient_id']!r} looks like a missing value; "
+                                    "leave it empty to use the file name")
         pids = [r.get("patient_id", "") or _stem(p) for r, p in zip(rows, files, strict=True)]
         patient_ids = np.array(pids)
         if "split" in header:
             split_list = []
-            for i, v in enumerate(column("split"), start=1):
+            for i, v in enumerate(column("split")):
                 s = _SPLIT_ALIASES.get(v.lower())
                 if s is None:
-                    raise DataError(
-                        f"{self.csv_path}: row {i} (line {i + 1}): split {v!r} is not one of {', '.join(SPLIT_NAMES)}"
-                    )
+                    raise DataError(f"{where.at(i)}: split {v!r} is not one of {', '.join(SPLIT_NAMES)}")
                 split_list.append(s)
             splits = np.array(split_list)
+            if "patient_id" in header:
+                _check_no_leakage(patient_ids, split_list, where)
         else:
             splits = assign_patient_splits(patient_ids, seed=seed)
+        _check_duplicates(files, rows, [h for h in header if h == "label" or h.startswith("label:")],
+                          [str(s) for s in splits], where)
 
         # Geometry from the first readable file.
         self.files = files
         self._require_3d = require_3d
-        first = None
-        errors: list[str] = []
-        for p in files:
-            try:
-                first = read_result(p)
-                break
-            except DataError as exc:
-                errors.append(str(exc))
-        if first is None:
-            raise DataError(
-                f"{self.csv_path}: no readable file among {len(files)} (first problem: {errors[0]})"
-            )
+        first = first_readable(files, str(self.csv_path))
         dims = int(first.spatial_dims)
         if require_3d and dims != 3:
             raise DataError(
@@ -294,10 +430,16 @@ def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int
     """Read one file and make it a model input: ``[0, 1]`` via ``intensity``, ``in_chans`` channels, 2D images
     zero-padded to a centred square, resized to ``image_size`` per side.
 
+    A constant file (every value equal) is kept, with one warning per file in the run log.
+
     Raises:
         DataError: unreadable file, or a file with another number of spatial dimensions than the dataset.
     """
     result = read_result(path)
+    readers = _readers()
+    value = readers.constant_value(result.array)
+    if value is not None:
+        readers.note_constant(str(path), value)
     if int(result.spatial_dims) != spatial_dims:
         raise DataError(
             f"{path}: {result.spatial_dims}D, but this dataset is {spatial_dims}D (decided by its first readable file)"

@@ -20,7 +20,8 @@ import torch
 
 from medssl.errors import DataError
 
-from .base import ImageDataset, resize_image
+from .base import MAX_CLASSES, ImageDataset, resize_image
+from .readers import check_memory
 from .splits import SPLIT_NAMES
 
 _MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -97,7 +98,16 @@ class NpzDataset(ImageDataset):
             if width == 1:
                 labels = merged[:, 0]
                 num_classes = int(labels.max()) + 1 if len(labels) else 1
+                if num_classes > len(labels) and "class_names" not in arrays:
+                    raise DataError(
+                        f"{self.path}: the largest label is {num_classes - 1}, so {num_classes} classes for "
+                        f"{len(labels)} images; labels must be class indices 0..K-1 (add a 'class_names' key "
+                        "to declare K classes when some are absent)"
+                    )
             else:
+                if width > MAX_CLASSES:
+                    raise DataError(f"{self.path}: the *_labels arrays have {width} columns; medssl takes at "
+                                    f"most {MAX_CLASSES} multi-label classes")
                 multilabel = True
                 labels = merged
                 if not np.isin(labels, (0, 1)).all():
@@ -161,6 +171,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: holds a single array, not an .npz archive of named arrays")
     with data:
+        _check_members(path, data)
         out = {}
         for key in data.files:
             try:
@@ -168,6 +179,35 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             except Exception as exc:  # corrupt member, object array without pickle, ...
                 raise DataError(f"{path}: cannot read key {key!r} ({type(exc).__name__}: {exc})") from exc
     return out
+
+
+def _check_members(path: Path, data: np.lib.npyio.NpzFile) -> None:
+    """Read every member's ``.npy`` header (a literal, parsed without evaluating code) before any array.
+
+    Refuses object arrays (they are pickles: medssl never unpickles a data file) and archives whose arrays,
+    decompressed, need more bytes than the machine has memory (a few MB of zeros compress into tens of GB).
+    """
+    total = 0
+    for member in data.zip.namelist():
+        if not member.endswith(".npy"):
+            continue
+        key = member[: -len(".npy")]
+        try:
+            with data.zip.open(member) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:
+                    continue  # other versions: np.load checks them when the key is read
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read the header of key {key!r} ({type(exc).__name__}: {exc})") from exc
+        if dtype.hasobject:
+            raise DataError(f"{path}: key {key!r} holds Python objects (a pickled object array); medssl never "
+                            "unpickles data files — store numeric arrays")
+        total += int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+    check_memory(path, (total,), 1)
 
 
 def _geometry(path: Path, key: str, arr: np.ndarray) -> tuple[int, int, int]:
@@ -189,12 +229,20 @@ def _geometry(path: Path, key: str, arr: np.ndarray) -> tuple[int, int, int]:
     return dims, chans, int(max(spatial))
 
 
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
+
+
 def _labels(path: Path, key: str, arr: np.ndarray, n: int) -> np.ndarray:
-    """Validates one ``*_labels`` array and returns it as int64 ``(N, K)``."""
+    """Validates one ``*_labels`` array and returns it as int64 ``(N, K)``.
+
+    Checked before anything is sized by the labels: integer values (float arrays must hold whole numbers,
+    NaN / inf are refused), ``0 <= label < MAX_CLASSES`` — a label of ``2**40`` would otherwise make a list of
+    ``2**40`` class names — and one row per image. Values are range-checked before the int64 cast, so a huge
+    ``uint64`` cannot wrap to a negative index.
+    """
     if arr.dtype == bool:
         arr = arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"{path}: '{key}' has dtype {arr.dtype}; expected integer class labels")
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[1] < 1:
@@ -202,8 +250,26 @@ def _labels(path: Path, key: str, arr: np.ndarray, n: int) -> np.ndarray:
     if len(arr) != n:
         images_key = key.replace("_labels", "_images")
         raise DataError(f"{path}: '{key}' has {len(arr)} rows but '{images_key}' has {n} images")
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            row = _first_row(~finite)
+            raise DataError(f"{path}: '{key}' has dtype {arr.dtype} with {int((~finite).sum())} NaN / inf label(s) "
+                            f"(first at row {row}); labels are integer class indices")
+        whole = arr == np.floor(arr)
+        if not whole.all():
+            row = _first_row(~whole)
+            raise DataError(f"{path}: '{key}' has dtype {arr.dtype} with non-integer labels (e.g. "
+                            f"{arr[row].tolist()} at row {row}); labels are integer class indices")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path}: '{key}' has dtype {arr.dtype}; expected integer class labels")
     if arr.size and arr.min() < 0:
-        raise DataError(f"{path}: '{key}' holds negative labels (min {arr.min()})")
+        row = _first_row(arr < 0)
+        raise DataError(f"{path}: '{key}' holds negative labels (min {arr.min()}, first at row {row})")
+    if arr.size and arr.max() >= MAX_CLASSES:
+        row = _first_row(arr >= MAX_CLASSES)
+        raise DataError(f"{path}: '{key}' holds label {arr.max()} (first large one at row {row}); medssl takes class "
+                        f"indices below {MAX_CLASSES} — are these ids rather than classes?")
     return arr.astype(np.int64)
 
 

@@ -19,16 +19,20 @@ plus what :func:`to_unit_range` needs to map it to ``[0, 1]``. Every failure is 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medssl.errors import ConfigError, DataError
+from medssl.checks import FieldError, check_choice, check_range
+from medssl.errors import DataError
 
 __all__ = ["IntensityConfig", "ReadResult", "read_file", "to_unit_range", "INTENSITY_MODES", "IMAGE_SUFFIXES", "VOLUME_SUFFIXES"]
 
@@ -39,6 +43,15 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 INTENSITY_MODES = ("auto", "window", "percentile", "minmax", "bitdepth", "zscore")
 _MAX_CHANNELS = 4
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    """``value`` as two floats, or a FieldError naming ``name``."""
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise FieldError(name, f"must be two numbers [a, b], got {value!r}") from None
+    return a, b
 
 
 @dataclass
@@ -58,17 +71,18 @@ class IntensityConfig:
     window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in INTENSITY_MODES:
-            raise ConfigError(f"data.intensity.mode must be one of {', '.join(INTENSITY_MODES)}, got '{self.mode}'")
-        pct = tuple(float(v) for v in self.percentiles)
-        if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
-            raise ConfigError(f"data.intensity.percentiles must be [low, high] with 0 <= low < high <= 100, got {self.percentiles}")
-        self.percentiles = pct  # type: ignore[assignment]
+        check_choice("mode", self.mode, INTENSITY_MODES)
+        pct = _pair("percentiles", self.percentiles)
+        for v in pct:
+            check_range("percentiles", v, ge=0.0, le=100.0)
+        if pct[0] >= pct[1]:
+            raise FieldError("percentiles", f"must be [low, high] with low < high, got {list(pct)}")
+        self.percentiles = pct
         if self.window is not None:
-            win = tuple(float(v) for v in self.window)
-            if len(win) != 2 or win[1] <= 0:
-                raise ConfigError(f"data.intensity.window must be [centre, width] with width > 0, got {self.window}")
-            self.window = win  # type: ignore[assignment]
+            win = _pair("window", self.window)
+            if not (math.isfinite(win[0]) and math.isfinite(win[1]) and win[1] > 0):
+                raise FieldError("window", f"must be [centre, width] with finite values and width > 0, got {list(win)}")
+            self.window = win
 
     def apply(self, result: ReadResult) -> np.ndarray:
         """:func:`to_unit_range` with these settings."""
@@ -132,14 +146,23 @@ def read_file(path: str | Path) -> ReadResult:
     """Read any supported file (or DICOM series folder) into a :class:`ReadResult`.
 
     The format is chosen by the suffix; files without a known suffix are sniffed for the DICOM preamble.
+    A file holding any non-finite value (NaN, ±inf) is an error: medssl does not guess whether NaN means
+    background, missing or a failed reconstruction, and one NaN would otherwise turn every normalised value
+    into NaN (see docs/datasets.md).
 
     Raises:
         DataError: missing file, unknown format, truncated or corrupt file, unsupported compression,
-            unexpected dimensions — naming the file.
+            unexpected dimensions, non-finite values — naming the file.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: file not found")
+    result = _read_any(p)
+    check_finite(result.array, str(p))
+    return result
+
+
+def _read_any(p: Path) -> ReadResult:
     if p.is_dir():
         return read_dicom_series(p)
     if p.stat().st_size == 0:
@@ -159,14 +182,113 @@ def read_file(path: str | Path) -> ReadResult:
     )
 
 
+def check_finite(array: np.ndarray, source: str) -> None:
+    """Raise a :class:`DataError` naming ``source`` and the count when ``array`` holds NaN or ±inf.
+
+    Integer arrays cannot hold them and pass without a scan.
+    """
+    a = np.asarray(array)
+    if not np.issubdtype(a.dtype, np.inexact):
+        return
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = int(a.size - np.count_nonzero(finite))
+    n_nan = int(np.count_nonzero(np.isnan(a)))
+    raise DataError(
+        f"{source}: {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} inf) among {a.size}; medssl does not "
+        "guess what they mean — replace them in the file, or skip it with --skip-bad"
+    )
+
+
+def constant_value(array: np.ndarray) -> float | None:
+    """The single value of an array whose every element is equal (a constant image), else ``None``."""
+    a = np.asarray(array)
+    if a.size == 0:
+        return None
+    lo, hi = a.min(), a.max()
+    return float(lo) if lo == hi else None
+
+
+_CONSTANT_NOTED: set[str] = set()
+
+
+def note_constant(source: str, value: float) -> None:
+    """Log (once per file and process) that ``source`` is a constant image — kept, but likely a broken export."""
+    if source in _CONSTANT_NOTED:
+        return
+    _CONSTANT_NOTED.add(source)
+    logging.getLogger("medssl").warning(
+        "%s: constant image: every pixel is %g (kept; it carries no information — often a broken export, "
+        "see `medssl inspect`)", source, value)
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-fix messages (printed to stderr); medssl reports what matters itself."""
+    logger = logging.getLogger("nibabel.global")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, ``None`` where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(source: Any, shape: Sequence[int], itemsize: int) -> None:
+    """Refuse, before reading, an array whose header-declared size exceeds the machine's memory.
+
+    A few bytes of header (or a compressed file of zeros) can declare terabytes; reading it would end in the
+    out-of-memory killer instead of a message.
+
+    Raises:
+        DataError: naming ``source``, the size needed and the memory available.
+    """
+    need = float(np.prod([float(s) for s in shape])) * itemsize
+    memory = physical_memory()
+    if memory is not None and need > memory:
+        raise DataError(f"{source}: its arrays need {need / 2**30:.1f} GiB once decompressed, more than this "
+                        f"machine's {memory / 2**30:.1f} GiB of memory")
+
+
+def open_pil(path: Path) -> Any:
+    """``PIL.Image.open`` with its failures as one-line :class:`DataError` naming the file.
+
+    Pillow refuses images over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels (about 179 million by default, e.g.
+    13 400 x 13 400) as decompression bombs: a header can claim billions of pixels in a few bytes. medssl keeps
+    that limit (it does not change Pillow's global setting) and reports such a file as bad; below it, Pillow's
+    ``DecompressionBombWarning`` is silenced.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)") from exc
+        raise DataError(f"{path}: not a readable image (Pillow cannot identify it)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc})") from exc
+
+
 # -- 2D images ----------------------------------------------------------------------------------------
 def read_image(path: Path) -> ReadResult:
     """PNG / JPEG / TIFF / BMP through Pillow, keeping 16-bit values."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 40000 * 40000)  # full-field mammograms
+    img0 = open_pil(path)
     try:
-        with Image.open(path) as img:
+        with img0 as img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             img.load()
             mode = img.mode
             if mode == "P":
@@ -182,10 +304,10 @@ def read_image(path: Path) -> ReadResult:
                 img = img.convert("L")
                 mode = "L"
             arr = np.asarray(img)
-    except UnidentifiedImageError as exc:
-        raise DataError(f"{path}: not a readable image (Pillow cannot identify it)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: truncated or corrupt image ({exc})") from exc
+        raise DataError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc})") from exc
+    if arr.size == 0:
+        raise DataError(f"{path}: empty image (shape {arr.shape})")
     if arr.dtype == np.uint8:
         bits: int | None = 8
     elif arr.dtype in (np.uint16, np.int32) and mode.startswith("I"):
@@ -216,25 +338,85 @@ def _first(value: Any) -> float | None:
         return None
 
 
-def _dcmread(path: Path) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+#: Elements one of which any DICOM image (or any DICOM object worth the name) carries.
+_DICOM_EVIDENCE = ("SOPClassUID", "Modality", "Rows", "Columns", "PixelData", "StudyInstanceUID", "PatientID")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
+
+def _dcmread(path: Path) -> Any:
+    """``pydicom.dcmread`` with one-line errors that say *not a DICOM file* or *truncated* as the case is.
+
+    Files with the ``DICM`` marker at byte 128 are read normally. Files without it are read with ``force``
+    (old ACR-NEMA files without the 128-byte preamble are still common) and must then hold at least one of
+    the elements every DICOM object carries (:data:`_DICOM_EVIDENCE`): a text file named ``.dcm`` parses into
+    a few meaningless tags under ``force`` and is *not a DICOM file*. Whether the file ends inside an element
+    is noted on the dataset (``_medssl_truncated``) for the pixel-data errors of :func:`_decode_pixels`.
+    """
+    import pydicom
+
+    marker = _is_dicom_file(path)
+    size = path.stat().st_size
+    if not marker and size < 132:
+        raise DataError(f"{path}: not a DICOM file, or truncated: {size} bytes, shorter than the 128-byte preamble "
+                        "and 'DICM' marker that start a DICOM file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                return pydicom.dcmread(path)
-            except InvalidDicomError:
-                # files without the 128-byte preamble (old ACR-NEMA style) are still common
-                return pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(path, force=not marker)
     except Exception as exc:
+        if not marker:
+            raise DataError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, and it does not parse as "
+                            f"DICOM without one: {type(exc).__name__})") from exc
         raise DataError(f"{path}: truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from exc
+    if not marker and not any(k in ds for k in _DICOM_EVIDENCE):
+        raise DataError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, and none of the elements a "
+                        "DICOM image carries: SOP class, modality, rows, columns, pixel data)")
+    try:
+        ds._medssl_truncated = _truncation(ds, size)
+    except Exception:  # a corrupt element that pydicom cannot even hand over raw: the decode reports it
+        ds._medssl_truncated = None
+    return ds
+
+
+def _truncation(ds: Any, size: int) -> str | None:
+    """Why ``ds`` (read from a file of ``size`` bytes) looks cut short, or ``None``.
+
+    pydicom stops silently at the end of the file, even inside an element or its tag header. The file is
+    truncated when a top-level element's declared length runs past the end, when fewer bytes than a tag
+    header (8) remain after the last element, or when nothing but (part of) the file meta header was read.
+    Must run before elements are accessed: only raw (unconverted) elements keep their file offsets.
+    """
+    end = None
+    last = None
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if tell is None or length is None or length == _UNDEFINED_LENGTH:
+            end = None  # a sequence of undefined length: its end is unknown here
+            continue
+        if tell + length > size:
+            return f"it ends at byte {size}, inside element {elem.tag}, which needs {tell + length} bytes"
+        end, last = tell + length, elem.tag
+    if len(ds) == 0:
+        return f"it ends inside its header ({size} bytes, no data elements)"
+    if end is not None and 0 < size - end < 8:
+        return f"it ends inside a tag header ({size - end} stray byte(s) after element {last})"
+    return None
+
+
+def _sop_name(ds: Any) -> str:
+    uid = getattr(ds, "SOPClassUID", None) or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return f"{getattr(uid, 'name', uid)}" if uid else "unknown SOP class"
 
 
 def _decode_pixels(ds: Any, path: Path) -> np.ndarray:
+    truncated = getattr(ds, "_medssl_truncated", None)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')})")
+        if truncated:
+            raise DataError(f"{path}: truncated DICOM file: {truncated}, before any pixel data")
+        sop = _sop_name(ds)
+        what = f"although its SOP class is {sop}" if "Image" in sop else f"({sop}: not an image)"
+        raise DataError(f"{path}: DICOM file has no pixel data {what}")
     try:
         tsyntax = ds.file_meta.TransferSyntaxUID
         ts_name = f"{tsyntax.name} ({tsyntax})"
@@ -246,6 +428,8 @@ def _decode_pixels(ds: Any, path: Path) -> np.ndarray:
             arr = ds.pixel_array
     except Exception as exc:
         msg = str(exc)
+        if truncated:
+            raise DataError(f"{path}: truncated or corrupt DICOM: the file is truncated, {truncated}") from exc
         if "missing required" in msg.lower() or "plugin" in msg.lower() or "decod" in msg.lower() \
                 or "not supported" in msg.lower() or "handler" in msg.lower():
             raise DataError(
@@ -254,7 +438,8 @@ def _decode_pixels(ds: Any, path: Path) -> np.ndarray:
                 "or convert the file (e.g. `gdcmconv --raw`)"
             ) from exc
         raise DataError(
-            f"{path}: truncated or corrupt DICOM pixel data in {ts_name} ({type(exc).__name__}: {msg.splitlines()[0] if msg else ''})"
+            f"{path}: truncated or corrupt DICOM pixel data in {ts_name} "
+            f"({type(exc).__name__}: {msg.splitlines()[0] if msg else ''})"
         ) from exc
     return np.asarray(arr)
 
@@ -444,15 +629,28 @@ def read_nifti(path: Path) -> ReadResult:
 
     3D volumes, 4D files whose 4th axis has at most 4 entries (channels: modalities, vector data) and 5D
     files with a singleton 4th axis are accepted; time series and other shapes are an error.
+    A voxel size of 0 or a non-finite one in the header is an error (nibabel would silently take 0 as 1 mm),
+    and so is a header whose shape needs more memory than the machine has (checked before reading).
     """
     import nibabel as nib
+    from nibabel.openers import ImageOpener
 
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+            with ImageOpener(str(path)) as fh:  # the header as written, before nibabel's fixes
+                pixdim = type(img.header).from_fileobj(fh, check=False)["pixdim"]
+        check_memory(path, img.shape, 4)
+        spatial = [float(v) for v in pixdim[1 : 1 + min(3, len(img.shape))]]
+        if not all(math.isfinite(v) and v != 0 for v in spatial):
+            raise DataError(f"{path}: invalid voxel size {tuple(spatial)} in the NIfTI header (pixdim[1..3] must be "
+                            "finite and non-zero)")
         if len(img.shape) >= 3:
             img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms())
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{path}: truncated or corrupt NIfTI ({type(exc).__name__}: {exc})") from exc
     shape = data.shape
@@ -476,11 +674,28 @@ def read_nifti(path: Path) -> ReadResult:
 
 
 def read_itk(path: Path) -> ReadResult:
-    """MHA / MHD / NRRD through SimpleITK (array order ``(D, H, W)``, vector pixels as channels)."""
+    """MHA / MHD / NRRD through SimpleITK (array order ``(D, H, W)``, vector pixels as channels).
+
+    The header is read first: a size beyond the machine's memory or a spacing that is not finite and > 0 is
+    an error before any pixel is read.
+    """
     try:
         import SimpleITK as sitk
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise DataError(f"{path}: reading {_suffix(path)} needs SimpleITK (pip install SimpleITK)") from exc
+    kind = _suffix(path).lstrip(".").upper()
+    try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()
+        header_spacing = tuple(float(s) for s in info.GetSpacing())
+        header_size = (*info.GetSize(), info.GetNumberOfComponents())
+    except Exception as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-200:] or type(exc).__name__
+        raise DataError(f"{path}: truncated or corrupt {kind} file ({detail})") from exc
+    check_memory(path, header_size, 4)
+    if not all(math.isfinite(v) and v > 0 for v in header_spacing):
+        raise DataError(f"{path}: invalid spacing {header_spacing} in the {kind} header (must be finite and > 0)")
     try:
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
@@ -488,7 +703,7 @@ def read_itk(path: Path) -> ReadResult:
         vector = img.GetNumberOfComponentsPerPixel() > 1
     except Exception as exc:
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-200:] or type(exc).__name__
-        raise DataError(f"{path}: truncated or corrupt {_suffix(path).lstrip('.').upper()} file ({detail})") from exc
+        raise DataError(f"{path}: truncated or corrupt {kind} file ({detail})") from exc
     res = _volume_layout(arr, path, spacing, channels_last=vector)
     res.modality = _suffix(path).lstrip(".")
     return res
@@ -515,10 +730,14 @@ def to_unit_range(
             sources (PNG/JPEG: keeps their absolute brightness), else ``percentile`` (16-bit images, MR, CT
             without a window, NIfTI / MHA volumes).
 
+    A constant image maps to a constant output (0 in ``percentile`` / ``minmax`` / ``zscore``).
+
     Raises:
-        DataError: unknown mode, or ``window`` without a window to apply.
+        DataError: unknown mode, ``window`` without a window to apply, or an array holding NaN / ±inf (they would
+            make the percentiles, min / max or mean NaN and blank the whole image).
     """
     x = result.array
+    check_finite(x, result.source)
     if mode not in INTENSITY_MODES:
         raise DataError(f"unknown intensity mode '{mode}'; choose one of {', '.join(INTENSITY_MODES)}")
     if mode == "auto":

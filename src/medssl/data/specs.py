@@ -34,15 +34,21 @@ class SpecEntry:
             after the first ``:`` (``None`` without one).
         syntax: how the spec is written (``npz:PATH``), listed in errors and in the help.
         help: what it opens, for the command line's ``--data`` help.
-        takes_intensity: the opener takes ``intensity=`` (an :class:`~medssl.data.readers.IntensityConfig`: files
-            whose values need windowing, such as DICOM / NIfTI / MHA).
+        options: the ``data:`` settings the opener takes as keywords besides the five positional arguments, e.g.
+            ``intensity`` (an :class:`~medssl.data.readers.IntensityConfig`: files whose values need windowing,
+            such as DICOM / NIfTI / MHA) or ``follow_symlinks`` (``folder:``).
     """
 
     name: str
     opener: Callable[..., ImageDataset]
     syntax: str
     help: str
-    takes_intensity: bool = False
+    options: tuple[str, ...] = ()
+
+    @property
+    def takes_intensity(self) -> bool:
+        """The opener takes ``intensity=``."""
+        return "intensity" in self.options
 
 
 SPECS: dict[str, SpecEntry] = {}
@@ -55,9 +61,11 @@ SPEC_NOTES = ("Splits are patient-level 70/10/20 unless the source defines them 
 Opener = Callable[..., ImageDataset]
 
 
-def register_spec(name: str, *, help: str, syntax: str | None = None,
-                  takes_intensity: bool = False) -> Callable[[Opener], Opener]:
+def register_spec(name: str, *, help: str, syntax: str | None = None, takes_intensity: bool = False,
+                  options: tuple[str, ...] = ()) -> Callable[[Opener], Opener]:
     """Decorator registering an opener for the data spec prefix ``name`` (see :class:`SpecEntry`).
+
+    ``takes_intensity=True`` is short for ``"intensity"`` in ``options``.
 
     The ``--data`` help (:func:`spec_help`) and the list of valid specs in every error are generated from the
     registered entries, so a new dataset is one registered opener.
@@ -71,7 +79,8 @@ def register_spec(name: str, *, help: str, syntax: str | None = None,
     def decorator(opener: Opener) -> Opener:
         if name in SPECS:
             raise DataError(f"data spec {name!r} is already registered")
-        SPECS[name] = SpecEntry(name, opener, syntax or f"{name}:PATH", help, takes_intensity)
+        keywords = (("intensity",) if takes_intensity else ()) + tuple(options)
+        SPECS[name] = SpecEntry(name, opener, syntax or f"{name}:PATH", help, tuple(dict.fromkeys(keywords)))
         return opener
 
     return decorator
@@ -137,14 +146,15 @@ def _open_npz(
     return NpzDataset(_require_arg(spec, arg, "PATH"), image_size=image_size, task=task, name=spec)
 
 
-@register_spec("folder", syntax="folder:DIR", help=(
+@register_spec("folder", syntax="folder:DIR", options=("follow_symlinks",), help=(
     "PNG/JPEG/TIFF/BMP images found recursively; class = top-level sub-folder name if there are sub-folders, "
     "else unlabelled; padded to square and resized to 224 unless --image-size is given"))
 def _open_folder(
-    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, follow_symlinks: bool = False
 ) -> ImageDataset:
     return FolderDataset(
-        _require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec
+        _require_arg(spec, arg, "DIR"), image_size=image_size, task=task, seed=seed, name=spec,
+        follow_symlinks=follow_symlinks,
     )
 
 
@@ -208,7 +218,8 @@ def _open_medmnist(
 
 
 def open_dataset(
-    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None
+    spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None,
+    follow_symlinks: bool = False,
 ) -> ImageDataset:
     """Opens the dataset a spec string names.
 
@@ -221,6 +232,7 @@ def open_dataset(
         seed: Seed of the phantom generator and of patient-level splits (npz splits come from the file).
         intensity: :class:`~medssl.data.readers.IntensityConfig` for the specs registered with
             ``takes_intensity=True`` (files read from DICOM / NIfTI / MHA); ``None`` = ``auto``.
+        follow_symlinks: ``folder:`` follows symlinked directories leading out of its root.
 
     Returns:
         The dataset, with ``name == spec``.
@@ -240,9 +252,8 @@ def open_dataset(
         raise DataError(f"unknown data spec {spec!r}; valid: {valid_specs()}")
     entry = SPECS[prefix]
     args = (spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
-    if entry.takes_intensity:
-        return entry.opener(*args, intensity=intensity)
-    return entry.opener(*args)
+    given = {"intensity": intensity, "follow_symlinks": follow_symlinks}
+    return entry.opener(*args, **{k: given[k] for k in entry.options if k in given})
 
 
 def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
@@ -250,7 +261,8 @@ def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
 
     Applies, in order: the spec with ``image_size``, ``task`` and ``intensity``; the split manifest
     ``splits`` (``--splits FILE``); the item cache (``cache``, ``cache_dir``) for file-backed datasets.
-    ``skip_bad`` is left to the caller, which decides where the list of skipped files goes.
+    ``skip_bad`` is left to the caller, which decides where the list of skipped files goes; without it, files
+    found unreadable while opening raise here (:meth:`~medssl.data.base.ImageDataset.check_open_errors`).
 
     Args:
         data: a :class:`~medssl.config.DataConfig`.
@@ -259,7 +271,10 @@ def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
     from .cache import default_cache_dir
     from .splits import apply_split_manifest
 
-    ds = open_dataset(data.spec, image_size=data.image_size, task=data.task, intensity=data.intensity)
+    ds = open_dataset(data.spec, image_size=data.image_size, task=data.task, intensity=data.intensity,
+                      follow_symlinks=data.follow_symlinks)
+    if not data.skip_bad:
+        ds.check_open_errors()
     if data.splits:
         apply_split_manifest(ds, data.splits)
     use_cache = data.cache if cache is None else cache
