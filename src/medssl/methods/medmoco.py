@@ -30,7 +30,7 @@ from medssl.config import ModelConfig
 from medssl.errors import ConfigError
 from medssl.losses.local_infonce import LocalInfoNCE
 from medssl.methods.base import DataInfo, StepOutput
-from medssl.methods.mocov2 import MoCoV2, MoCoV2Config
+from medssl.methods.mocov2 import MoCoV2, MoCoV2Config, batch_ids
 from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim, is_vit
 from medssl.nn.ema import make_ema_copy
@@ -195,7 +195,7 @@ class MedMoCo(MoCoV2[MedMoCoConfig]):
         w1 = self.views(images)
         w2 = self.views(images)
         v1, v2 = normalize(w1.images), normalize(w2.images)
-        out, qd = self.global_step(v1, v2)
+        out, qd = self.global_step(v1, v2, batch_ids(batch, images))
         if self.local is None:
             return out
         b = images.shape[0]
