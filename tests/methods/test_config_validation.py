@@ -66,7 +66,7 @@ RANGE_RULES = [
     ("miram", "num_landmarks", 0, ">= 1"),
     ("cnnmim", "mask_ratio", 0.0, "in (0, 1)"),
     ("cnnmim", "mask_ratio", 1.0, "in (0, 1)"),
-    ("cnnmim", "mask_patch_size", 0, ">= 1"),
+    ("cnnmim", "mask_patch_size", -1, ">= 0"),
     ("cnnmim", "input_fill", "noise", "one of"),
     ("cnnmim", "augment", "heavy", "one of"),
     ("cnnmim", "decoder_channels", [8, 8], "4 widths"),
