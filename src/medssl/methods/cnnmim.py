@@ -8,8 +8,9 @@ version is an implementation of the idea with documented choices, built the way 
 
 * the image (one light crop + flip view) is cut into mask units of ``mask_patch_size`` pixels / voxels — by
   default the encoder's total stride (32 px for a ResNet, 8 with the CIFAR stem), SparK's choice, so that
-  every stage sees the same masked fraction as the input — and a fraction is masked with any strategy of :mod:`medssl.transforms.masking` (random, block, center, slice,
-  tube); masked units are set to 0 (the mean of the normalised image) or to a learnable token;
+  every stage sees the same masked fraction as the input — and a fraction is masked with any strategy of
+  :mod:`medssl.transforms.masking` (random, block, center, slice, tube); masked units are set to 0 (the mean
+  of the normalised image) or to a learnable token;
 * a ResNet (timm in 2D, :mod:`medssl.nn.backbones3d` in 3D) encodes the masked image as if it were *sparse*
   (:mod:`medssl.nn.sparse`): after every convolution, normalisation, pooling and stage, masked positions are
   set back to zero (the mask resized to that layer's resolution), and BatchNorm statistics are computed over
