@@ -24,6 +24,7 @@ from medssl.losses import info_nce
 from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput
 from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim
+from medssl.nn.batchnorm import convert_batchnorm
 from medssl.nn.ema import ema_update, make_ema_copy
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
@@ -44,6 +45,11 @@ class MoCoV2Config(MethodConfig):
         proj_hidden: hidden width of the MLP head (``0`` = the backbone feature width, as in the paper).
         symmetric: symmetrise the loss over the two views.
         shuffle_bn: shuffle the key batch across ranks under DDP (no effect in one process).
+        bn_splits: in one process, BatchNorm statistics over up to this many sub-batches of at least
+            ``bn_split_min`` samples, in the query and the key encoder, with the key batch shuffled first (MoCo's
+            single-GPU stand-in for shuffle-BN, its CIFAR recipe's ``SplitBatchNorm``). ``0`` or ``1``: off.
+            Ignored under DDP, where ``shuffle_bn`` shuffles across ranks.
+        bn_split_min: the smallest sub-batch.
     """
 
     queue_size: int = 4096
@@ -53,6 +59,8 @@ class MoCoV2Config(MethodConfig):
     proj_hidden: int = 0
     symmetric: bool = True
     shuffle_bn: bool = True
+    bn_splits: int = 8
+    bn_split_min: int = 16
 
     def __post_init__(self) -> None:
         """Check the ranges (recipes and ``--set`` overrides end up here).
@@ -65,6 +73,8 @@ class MoCoV2Config(MethodConfig):
         check_range("temperature", self.temperature, gt=0)
         check_range("proj_dim", self.proj_dim, ge=1)
         check_range("proj_hidden", self.proj_hidden, ge=0)
+        check_range("bn_splits", self.bn_splits, ge=0)
+        check_range("bn_split_min", self.bn_split_min, ge=2)
 
 
 MC = TypeVar("MC", bound=MoCoV2Config)
@@ -85,6 +95,8 @@ class MoCoV2(BackboneMethod[MC]):
         super().__init__(hparams)
         m = self.hparams
         self.build_backbone(model, data)
+        if m.bn_splits > 1:  # before the key copy, so both encoders split (MoCo's single-GPU recipe)
+            convert_batchnorm(self.backbone, "split", m.bn_splits, m.bn_split_min)
         d = feature_dim(self.backbone)
         self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
         self.key_backbone = make_ema_copy(self.backbone)
@@ -122,7 +134,12 @@ class MoCoV2(BackboneMethod[MC]):
 
     @torch.no_grad()
     def key(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised key embedding from the momentum encoder (shuffle-BN under DDP)."""
+        """L2-normalised key embedding from the momentum encoder (shuffle-BN under DDP; in one process, with split
+        BatchNorm, the key batch is shuffled before it is cut into sub-batches)."""
+        if self.hparams.bn_splits > 1 and not dist_utils.is_distributed():
+            perm = torch.randperm(x.shape[0]).to(x.device)  # CPU RNG: the same on every device, resumable
+            k = F.normalize(self.embed_key(x[perm]).float(), dim=1)
+            return k[torch.argsort(perm)]
         if self.hparams.shuffle_bn:
             x, unshuffle = dist_utils.batch_shuffle(x)
         else:
