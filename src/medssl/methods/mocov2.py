@@ -50,6 +50,8 @@ class MoCoV2Config(MethodConfig):
             single-GPU stand-in for shuffle-BN, its CIFAR recipe's ``SplitBatchNorm``). ``0`` or ``1``: off.
             Ignored under DDP, where ``shuffle_bn`` shuffles across ranks.
         bn_split_min: the smallest sub-batch.
+        mask_own_keys: leave queue entries of a query's own image out of its negatives (``false`` only for
+            ablations: the behaviour before issue 15).
     """
 
     queue_size: int = 4096
@@ -61,6 +63,7 @@ class MoCoV2Config(MethodConfig):
     shuffle_bn: bool = True
     bn_splits: int = 8
     bn_split_min: int = 16
+    mask_own_keys: bool = True
 
     def __post_init__(self) -> None:
         """Check the ranges (recipes and ``--set`` overrides end up here).
@@ -172,7 +175,7 @@ class MoCoV2(BackboneMethod[MC]):
         """
         m = self.hparams
         queue = self.queue.clone().detach()
-        queue_ids = self.queue_ids.clone()
+        queue_ids = self.queue_ids.clone() if m.mask_own_keys else None
         if m.symmetric:
             qd = self.embed_query(torch.cat([v1, v2]))
             k = self.key(torch.cat([v2, v1]))
