@@ -71,15 +71,15 @@ class _GlobalMixin:
         if not bn.training or not dist_utils.is_distributed():
             return super().forward(x)  # type: ignore[misc]
         dims = [0, *range(2, x.ndim)]
+        shape = (1, -1) + (1,) * (x.ndim - 2)
         xf = x.float()
-        n_local = torch.tensor([float(x.numel() // x.shape[1])], device=x.device, dtype=xf.dtype)
-        local = torch.cat([xf.sum(dims), xf.square().sum(dims), n_local])[None]
-        total = dist_utils.gather(local).sum(0)  # gradient flows back to every rank's sums
         c = x.shape[1]
+        # two passes (mean, then the centred second moment), each a gradient-preserving all-gather of per-rank sums
+        n_local = torch.full((1,), float(x.numel() // c), device=x.device, dtype=xf.dtype)
+        total = dist_utils.gather(torch.cat([xf.sum(dims), n_local])[None]).sum(0)
         n = total[-1].detach()
         mean = total[:c] / n
-        var = (total[c : 2 * c] / n - mean.square()).clamp(min=0)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
+        var = dist_utils.gather((xf - mean.view(shape)).square().sum(dims)[None]).sum(0) / n
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
         if bn.affine:
             y = y * bn.weight.float().view(shape) + bn.bias.float().view(shape)
