@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
     if args.decorrelation:
         res["decorrelation"] = decorrelation(args)
+        (root.parent / "fidelity.json").write_text(json.dumps(res, indent=1, default=str))
+        print(json.dumps(res["decorrelation"]), file=sys.stderr, flush=True)
     for name in args.pairs:
         res["rows"] += run_pair(name, args, root)
         (root.parent / "fidelity.json").write_text(json.dumps(res, indent=1, default=str))

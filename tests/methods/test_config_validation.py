@@ -30,6 +30,8 @@ RANGE_RULES = [
     ("mocov2", "temperature", INF, "finite"),
     ("mocov2", "proj_dim", 0, ">= 1"),
     ("mocov2", "proj_hidden", -1, ">= 0"),
+    ("mocov2", "bn_splits", -1, ">= 0"),
+    ("mocov2", "bn_split_min", 1, ">= 2"),
     ("medmoco", "queue_size", 0, ">= 1"),  # MoCo v2's checks hold for Med-MoCo too
     ("medmoco", "local_weight", -0.5, ">= 0"),
     ("medmoco", "local_regions", 0, ">= 1"),
@@ -41,6 +43,7 @@ RANGE_RULES = [
     ("medmoco", "local_hidden", -1, ">= 0"),
     ("medmoco", "local_pool_size", 0, ">= 1"),
     ("medmoco", "whitening", "pca", "one of"),
+    ("medmoco", "whitening_stats", "pixels", "one of"),
     ("medmoco", "whitening_group_size", -1, ">= 0"),
     ("medmoco", "whitening_eps", 0, "> 0"),
     ("medmoco", "whitening_momentum", 0, "in (0, 1]"),
