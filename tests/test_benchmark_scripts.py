@@ -120,3 +120,20 @@ def test_dataloading_json_fields():
         # waiting for the loader is part of the pass: reading alone is at least as fast as the whole pass
         assert r["nocache_read_per_s"] >= r["nocache_per_s"] and r["cached_read_per_s"] >= r["cached_per_s"]
         assert r["speedup_cached_read"] == pytest.approx(r["cached_read_per_s"] / r["nocache_read_per_s"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_fidelity_pair_runs_and_writes_json_and_markdown(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--pairs", "queue", "--steps", "1", "--seeds", "0",
+         "--fractions", "1.0", "--data", "phantom2d:96", "--image-size", "16", "--batch-size", "8", "--decorrelation",
+         "--decorrelation-images", "16", "--out", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "fidelity.json").read_text())
+    assert [r["variant"].split(":")[0] for r in res["rows"]] == ["before", "after"]
+    assert res["rows"][0]["overrides"][0] == "method.mask_own_keys=false"
+    assert set(res["decorrelation"]) >= {"raw", "zca groups of 64, pooled stats", "zca one group, feature-map stats"}
+    md = (tmp_path / "fidelity.md").read_text()
+    assert "| queue | mocov2 | before" in md and "AUC @ 1" in md
