@@ -294,8 +294,9 @@ def run_encoders(run: str | Path, which: str | None = None) -> tuple[list[NamedE
 
 def data_config(spec: str, run_cfg: dict[str, Any] | None = None, *, image_size: int | None = None,
                 task: str | None = None, splits: str | Path | None = None) -> DataConfig:
-    """The data settings to evaluate or embed ``spec`` with: the run's ``intensity`` / ``cache`` / ``cache_dir`` and
-    (unless ``image_size`` is given) ``image_size``; ``task`` and the split manifest ``splits`` as requested.
+    """The data settings to evaluate or embed ``spec`` with: the run's ``intensity`` / ``cache`` / ``cache_dir`` /
+    ``spacing`` (volumes are resampled as in pretraining) and (unless ``image_size`` is given) ``image_size``;
+    ``task`` and the split manifest ``splits`` as requested. Volumes are whole (``volume_mode: resize``).
 
     Raises:
         ConfigError: an invalid setting, naming the ``data.*`` key.
@@ -303,9 +304,10 @@ def data_config(spec: str, run_cfg: dict[str, Any] | None = None, *, image_size:
     from medssl.config import DataConfig, build_dataclass
 
     run_data = _section(run_cfg or {}, "data")
-    kept = {k: v for k, v in run_data.items() if k in ("intensity", "cache", "cache_dir")}
+    kept = {k: v for k, v in run_data.items() if k in ("intensity", "cache", "cache_dir", "spacing")}
     return build_dataclass(DataConfig, {**kept, "spec": spec, "image_size": image_size or run_data.get("image_size"),
-                                        "task": task, "splits": str(splits) if splits else None}, where="data")
+                                        "task": task, "splits": str(splits) if splits else None,
+                                        "volume_mode": "resize"}, where="data")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
