@@ -89,7 +89,9 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
     """The spatial shape :func:`resample` gives: ``round((n - 1) * old / new) + 1`` per axis."""
-    return tuple(int(round((int(n) - 1) * float(s) / float(t))) + 1 for n, s, t in zip(shape, spacing, target, strict=True))
+    # np.round of (extent + 1), half to even, exactly as MONAI's compute_shape_offset
+    return tuple(int(np.round((int(n) - 1) * float(s) / float(t) + 1.0))
+                 for n, s, t in zip(shape, spacing, target, strict=True))
 
 
 def _axis(x: torch.Tensor, dim: int, n_out: int, step: float, nearest: bool) -> torch.Tensor:

@@ -254,8 +254,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         fabric.barrier()
         Trainer(fabric, cfg, run, data, model, optim, state, progress=progress, resumed=resume).fit()
         if fabric.is_global_zero:
-            from medssl.export import export_encoders
+            from medssl.export import export_encoders, volume_metadata
 
-            export_encoders(method, run.root)
+            export_encoders(method, run.root, volume_metadata(cfg.data, data.info.spatial_dims))
         fabric.barrier()
     return run.root
