@@ -17,8 +17,9 @@ Supported pairs:
   (``spatial_dims=3``, ``feed_forward=False``, ``bias_downsample=False``, stride-2 7³ stem or the CIFAR stem).
   medssl's arrays are ``(S, A, R)``, MONAI's ``(R, A, S)``: every 3D kernel's spatial axes are reversed
   (:func:`to_monai_axes`) and the printed MONAI transforms (``Orientation("RAS")``, ``Spacing`` to the recorded
-  spacing) give the same features on a volume loaded the MONAI way. The 3D ViT has no faithful one-line MONAI counterpart (MONAI's ``ViT`` returns its classification head's
-  output rather than the class token, and its key set differs between MONAI versions), so it is refused.
+  spacing) give the same features on a volume loaded the MONAI way. The 3D ViT has no faithful one-line MONAI
+  counterpart (MONAI's ``ViT`` returns its classification head's output rather than the class token, and its key
+  set differs between MONAI versions), so it is refused.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def monai_transforms(meta: dict[str, str], intensity: dict | None = None) -> str
     spacing = meta.get("spacing", "native")
     if spacing and spacing != "native":
         zyx = [float(v) for v in spacing.split(",")]
-        steps.append(f"Spacing(pixdim=({zyx[2]:g}, {zyx[1]:g}, {zyx[0]:g}), mode=\"bilinear\", padding_mode=\"border\")")
+        steps.append(f"Spacing(pixdim=({zyx[2]:g}, {zyx[1]:g}, {zyx[0]:g}), mode=\"bilinear\", "
+                     "padding_mode=\"border\")")
     mode = (intensity or {}).get("mode", "auto")
     lo, hi = (intensity or {}).get("percentiles", (0.5, 99.5))
     if mode in ("auto", "percentile"):
