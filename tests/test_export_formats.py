@@ -175,6 +175,9 @@ def test_monai_export_gives_medssl_features_on_a_volume_loaded_the_monai_way(tmp
     aff[:3, 3] = [20.0, 30.0, -10.0]
     nib.save(nib.Nifti1Image(vol, aff), tmp_path / "v.nii.gz")
     data = DataConfig(spec="x", spacing=[2.0, 1.0, 1.5])
+    # the crop size must not shadow a ViT's token patch_size in the encoder metadata
+    crops = volume_metadata(DataConfig(spec="x", patch_size=16), 3)
+    assert crops["volume_patch_size"] == "16,16,16" and "patch_size" not in crops
     meta = {"model_name": "resnet10_3d", "in_chans": 1, "image_size": 16, "stem": "default", "spatial_dims": 3,
             **volume_metadata(data, 3)}
     enc = _perturbed(random_encoder("resnet10_3d", in_chans=1, image_size=16, spatial_dims=3))

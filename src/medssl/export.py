@@ -94,8 +94,8 @@ def export_encoders(method: nn.Module, out_dir: str | Path, extra: dict[str, str
     extra = dict(extra or {})
     return [
         save_encoder(mod, Path(out_dir) / encoder_filename(name, multiple),
-                     {"encoder": name, **metas.get(name, {}), **extra, "whitening": whitening_filename(name, multiple)}
-                     if _is_whitened(mod) else {"encoder": name, **metas.get(name, {}), **extra})
+                     {"encoder": name, **extra, **metas.get(name, {}), "whitening": whitening_filename(name, multiple)}
+                     if _is_whitened(mod) else {"encoder": name, **extra, **metas.get(name, {})})
         for name, mod in encs.items()
     ]
 
@@ -103,7 +103,8 @@ def export_encoders(method: nn.Module, out_dir: str | Path, extra: dict[str, str
 def volume_metadata(data: Any, spatial_dims: int) -> dict[str, str]:
     """What a 3D encoder file records about its input volumes (nothing for 2D): ``axis_order`` ``SAR`` (arrays are
     ``(D, H, W) = (S, A, R)``), ``orientation`` ``RAS`` (the anatomical frame they were brought to), ``spacing``
-    (``z,y,x`` mm or ``native``), ``volume_mode`` and ``patch_size`` (``z,y,x``). See docs/volumes.md."""
+    (``z,y,x`` mm or ``native``), ``volume_mode`` and ``volume_patch_size`` (``z,y,x`` crop size; ``patch_size``
+    is a ViT's token patch). See docs/volumes.md."""
     if int(spatial_dims) != 3:
         return {}
     from medssl.data.volumes import AXIS_ORDER
@@ -113,7 +114,7 @@ def volume_metadata(data: Any, spatial_dims: int) -> dict[str, str]:
     return {"axis_order": AXIS_ORDER, "orientation": "RAS",
             "spacing": "native" if spacing == "native" else ",".join(f"{float(v):g}" for v in spacing),
             "volume_mode": str(getattr(data, "volume_mode", "resize")),
-            **({"patch_size": ",".join(str(int(v)) for v in patch)} if patch else {})}
+            **({"volume_patch_size": ",".join(str(int(v)) for v in patch)} if patch else {})}
 
 
 def _is_whitened(module: nn.Module) -> bool:
