@@ -129,7 +129,7 @@ def test_unreadable_headers_in_a_folder_are_all_listed_and_skipped(tmp_path: Pat
         assert sorted(Path(r["path"]).name for r in csv.DictReader(f)) == sorted(bad)
 
 
-def test_inspect_tabulates_orientation_and_spacing_and_warns_about_mixed_and_anisotropic(tmp_path: Path, capsys) -> None:
+def test_inspect_tabulates_orientation_spacing_and_warns_on_mixed_and_anisotropic(tmp_path: Path, capsys) -> None:
     import nibabel as nib
     import numpy as np
     import SimpleITK as sitk
