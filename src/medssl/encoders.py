@@ -104,9 +104,16 @@ def meta_value(meta: dict[str, str], key: str) -> str | None:
 
 
 def meta_int(meta: dict[str, str], key: str) -> int | None:
-    """An integer metadata value (``None`` when absent)."""
+    """An integer metadata value (``None`` when absent).
+
+    Raises:
+        CheckpointError: the value is not an integer (a hand-edited or foreign file).
+    """
     v = meta_value(meta, key)
-    return None if v is None else int(v)
+    try:
+        return None if v is None else int(v)
+    except ValueError:
+        raise CheckpointError(f"encoder metadata {key!r}: expected an integer, got {v!r}") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

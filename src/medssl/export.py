@@ -114,7 +114,8 @@ def volume_metadata(data: Any, spatial_dims: int) -> dict[str, str]:
     return {"axis_order": AXIS_ORDER, "orientation": "RAS",
             "spacing": "native" if spacing == "native" else ",".join(f"{float(v):g}" for v in spacing),
             "volume_mode": str(getattr(data, "volume_mode", "resize")),
-            **({"volume_patch_size": ",".join(str(int(v)) for v in patch)} if patch else {})}
+            **({"volume_patch_size": ",".join(str(int(v)) for v in patch)}
+               if patch and getattr(data, "volume_mode", "resize") == "patches" else {})}
 
 
 def _is_whitened(module: nn.Module) -> bool:
