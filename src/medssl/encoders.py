@@ -339,7 +339,7 @@ def _method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any, Pret
     info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
                     image_size=int(cfg.data.image_size or ds.image_size),
                     num_samples=len(pretrain_indices(ds, cfg.data.split)))
-    method = build_method(cfg, info)
+    method = build_method(cfg, info, init_weights=False)
     try:
         method.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:
