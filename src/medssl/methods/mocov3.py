@@ -84,7 +84,7 @@ class MoCoV3(BackboneMethod[MoCoV3Config]):
     """MoCo v3 (ViT or CNN, 2D and 3D): no queue, symmetric InfoNCE over the global batch, predictor head."""
 
     name = "mocov3"
-    description = "MoCo v3: momentum encoder, predictor, symmetric InfoNCE over the global batch, ViT (Chen et al. 2021)"
+    description = "MoCo v3: momentum encoder + predictor, symmetric InfoNCE over the global batch (Chen et al. 2021)"
     config_cls = MoCoV3Config
     default_lr = 1.5e-4
     default_optimizer = "adamw"
