@@ -245,8 +245,12 @@ class DINO(BackboneMethod[DINOConfig]):
         return glob, loc
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
-        m = self.hparams
         glob, loc = self.crops(batch["image"])
+        return self.crops_step(glob, loc)
+
+    def crops_step(self, glob: torch.Tensor, loc: torch.Tensor | None) -> StepOutput:
+        """The loss of normalised crops (:meth:`crops`): student on every crop, teacher on the global ones."""
+        m = self.hparams
         frozen = self.last_layer_frozen()
         h_glob = self.backbone(glob)
         outs = [self.head(h_glob, freeze_last_layer=frozen)]
@@ -262,7 +266,7 @@ class DINO(BackboneMethod[DINOConfig]):
         with torch.no_grad():
             p = teacher_probs(teacher, self.center, tau_t)
             entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
-            b = batch["image"].shape[0]
+            b = glob.shape[0] // 2
             h = F.normalize(h_glob[:b].detach().float(), dim=1)
             logs: dict[str, float | torch.Tensor] = {
                 "teacher_temp": tau_t,
