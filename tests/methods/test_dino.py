@@ -145,3 +145,21 @@ def test_crop_sizes_2d_and_3d_and_refusals() -> None:
                 "method.center_momentum=1"]:
         with pytest.raises(ConfigError):
             _method(overrides=[bad])
+
+
+def test_loss_equals_lightlys_dino_loss_on_the_same_outputs() -> None:
+    """A second, independent reference: lightly's DINOLoss (installed with the bench extra)."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    g = torch.Generator().manual_seed(3)
+    batch, k = 4, 16
+    teacher = [torch.randn(batch, k, generator=g) for _ in range(2)]
+    student = [torch.randn(batch, k, generator=g) for _ in range(5)]
+    ref = lightly_loss.DINOLoss(output_dim=k, warmup_teacher_temp=0.07, teacher_temp=0.07,
+                                warmup_teacher_temp_epochs=0, student_temp=0.1)
+    center = torch.randn(1, k, generator=g) * 0.3
+    ref.center.copy_(center.view(1, 1, k))
+    expected = ref(teacher, student, epoch=0)
+    ours = dino_loss(torch.cat(student), torch.cat(teacher), center, student_temp=0.1, teacher_temp=0.07)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # and the same centre update: lightly moves its centre inside the forward pass, medssl after the step
+    torch.testing.assert_close(ref.center.view(1, k), 0.9 * center + 0.1 * batch_center(torch.cat(teacher)))
