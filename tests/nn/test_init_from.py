@@ -215,3 +215,16 @@ def test_evaluate_init_accepts_weights_and_refuses_hostile_ones(tmp_path: Path, 
         assert main(["evaluate", "--init", bad, "--data", "phantom2d:16", "--out", str(tmp_path / "e")]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
+
+
+def test_init_settings_are_validated_in_the_config() -> None:
+    from medssl.api import make_config
+
+    with pytest.raises(ConfigError, match="model.init_adapt"):
+        make_config(method="mocov2", overrides=["model.init_adapt=median"])
+    with pytest.raises(ConfigError, match="model.init_from"):
+        make_config(method="mocov2", overrides=["model.init_from=' '"])
+    with pytest.raises(ConfigError, match="model.init_inflate"):
+        make_config(method="mocov2", overrides=["model.init_inflate=maybe"])
+    cfg = make_config(method="mocov2", overrides=["model.init_from=timm:resnet18.a1_in1k"])
+    assert cfg.to_dict()["model"]["init_from"] == "timm:resnet18.a1_in1k"  # recorded in config.yaml
