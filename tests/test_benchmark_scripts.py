@@ -61,7 +61,15 @@ def test_throughput_json_side_by_side_with_lightly(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["medmoco", "gravis", "cnnmim", "cass"])
+def test_throughput_dino_against_floor_and_lightly():
+    pytest.importorskip("lightly")
+    res = _throughput(["--method", "dino", *TINY, "--image-size", "32"])
+    _check_core(res)
+    assert res["ratio_vs_lightly"] == pytest.approx(res["step_s"]["lightly"] / res["step_s"]["medssl_model"], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["medmoco", "gravis", "cnnmim", "cass", "mocov3", "simmim"])
 def test_throughput_json_other_methods_against_their_floor(method):
     res = _throughput(["--method", method, *TINY, "--image-size", "32"])
     _check_core(res)
