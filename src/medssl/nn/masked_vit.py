@@ -27,7 +27,7 @@ from torch import nn
 from medssl.errors import ConfigError
 from medssl.nn.attention import transformer_block
 from medssl.nn.patches import as_patch_size, interpolate_tokens, sincos_pos_embed
-from medssl.nn.vit3d import init_transformer_weights
+from medssl.nn.vit3d import init_transformer_weights, init_vit_weights
 
 #: tokens per side the default patch size aims at when the model's own patch would give too few tokens
 _FALLBACK_SIDE = {2: 8, 3: 4}
@@ -96,12 +96,16 @@ class MaskedViT(nn.Module):
         spatial_dims: 2 or 3.
         fixed_pos_embed: replace the position embeddings by fixed sine-cosine ones and freeze them (MAE's
             choice); leave off for pretrained weights.
+        init_weights: re-initialise the ViT as MAE does (:func:`~medssl.nn.vit3d.init_vit_weights`: xavier-uniform
+            linear layers, ``qkv`` included) — timm's 2D ViTs come with their own initialisation (truncated
+            normal, std 0.02), medssl's 3D ViT with MAE's already; leave off for pretrained weights.
 
     Raises:
         ConfigError: a model this wrapper cannot drive (no patch embedding / blocks, dynamic image size).
     """
 
-    def __init__(self, vit: nn.Module, spatial_dims: int, fixed_pos_embed: bool = True) -> None:
+    def __init__(self, vit: nn.Module, spatial_dims: int, fixed_pos_embed: bool = True,
+                 init_weights: bool = False) -> None:
         super().__init__()
         for attr in ("patch_embed", "blocks", "norm", "pos_embed", "cls_token"):
             if not hasattr(vit, attr):
@@ -115,6 +119,8 @@ class MaskedViT(nn.Module):
         self.num_patches = math.prod(self.grid)
         self.embed_dim = int(vit.embed_dim)
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
+        if init_weights:
+            init_vit_weights(vit)
         if fixed_pos_embed and vit.pos_embed is not None:
             prefix = 0 if getattr(vit, "no_embed_class", False) else self.num_prefix_tokens
             with torch.no_grad():
