@@ -127,10 +127,19 @@ class MaskedViT(nn.Module):
                 vit.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid, num_prefix_tokens=prefix))
             vit.pos_embed.requires_grad_(False)
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch tokens with their position embeddings ``(B, N, D)`` and prefix tokens ``(B, P, D)``."""
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with their position embeddings ``(B, N, D)`` and prefix tokens ``(B, P, D)``.
+
+        With ``mask`` ``(B, N)`` (``True`` = masked) and ``mask_token`` ``(1, 1, D)``, the embeddings of the masked
+        patches are replaced by the mask token before the position embeddings are added (SimMIM's full-sequence
+        encoder).
+        """
         vit = self.vit
         tokens = vit.patch_embed(x)
+        if mask is not None and mask_token is not None:
+            w = mask.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1 - w) + mask_token.to(tokens.dtype) * w
         b = tokens.shape[0]
         prefix = [vit.cls_token.expand(b, -1, -1)] if vit.cls_token is not None else []
         if getattr(vit, "reg_token", None) is not None:
@@ -145,19 +154,22 @@ class MaskedViT(nn.Module):
                 tokens = tokens + pos[:, pre.shape[1] :]
         return tokens, pre
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the visible tokens.
 
         Args:
             x: normalised images ``(B, C, *spatial)``.
             ids_keep: ``(B, N_visible)`` indices of the visible patches (:func:`visible_indices`);
                 ``None`` = all patches.
+            mask: with ``mask_token``: masked patches enter as the mask token (see :meth:`embed`).
+            mask_token: ``(1, 1, D)``.
 
         Returns:
             ``(B, P + N_visible, D)``: prefix tokens then the visible tokens in ``ids_keep`` order, after the
             final norm.
         """
-        tokens, pre = self.embed(x)
+        tokens, pre = self.embed(x, mask, mask_token)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         h = torch.cat([pre, tokens], dim=1)
