@@ -60,6 +60,11 @@ class ModelConfig:
         global_pool: ViT features for evaluation: ``token`` (class token) or ``avg`` (mean of the patch tokens
             after the final norm; the weights keep timm's key layout); ``None`` = the model's own (masked-image
             methods choose ``avg`` and record it here). Ignored by CNNs.
+        init_from: start the backbone from existing weights (continued pretraining): a local ``.safetensors``
+            (e.g. a medssl ``encoder.safetensors``) or ``.pth`` file, ``timm:NAME`` or ``hf-hub:ORG/NAME`` (read from
+            the local Hugging Face cache; nothing is downloaded). See :mod:`medssl.nn.init_from`.
+        init_adapt: how RGB first-layer filters become 1-channel ones: ``sum`` (timm's rule) or ``mean``.
+        init_inflate: inflate 2D convolution weights into a 3D backbone (I3D: repeat along depth, divide by it).
     """
 
     backbone: str = "resnet18"
@@ -67,6 +72,14 @@ class ModelConfig:
     pretrained: bool = False
     patch_size: int | None = None
     global_pool: str | None = None
+    init_from: str | None = None
+    init_adapt: str = "sum"
+    init_inflate: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("init_adapt", self.init_adapt, ("sum", "mean"))
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise FieldError("init_from", "is empty; give a weights file, timm:NAME or hf-hub:ORG/NAME")
 
 
 @dataclass
