@@ -166,6 +166,23 @@ def _stage_channels(backbone: nn.Module) -> list[int]:
     return chans
 
 
+def _default_unit(stride: int, image_size: int) -> int:
+    """The default mask unit: the encoder's total stride (SparK), or, for an image smaller than that allows (e.g.
+    16^3 sub-volumes under a stride-32 3D ResNet), the largest power of two below the stride that divides the image
+    into at least 4 units per axis (logged; the sparse stages then see part of the masking, as with any unit that is
+    not a multiple of the stride)."""
+    if image_size % stride == 0 and image_size // stride >= 2:
+        return stride
+    unit = stride // 2
+    while unit >= 2 and (image_size % unit or image_size // unit < 4):
+        unit //= 2
+    if unit < 2:
+        return stride  # nothing fits: the constructor reports the sizes
+    log.info("cnnmim: data.image_size %d is too small for mask units of the total stride %d; using %d",
+             image_size, stride, unit)
+    return unit
+
+
 @register
 class CNNMIM(BackboneMethod[CNNMIMConfig]):
     """Masked image modelling for CNNs (sparse ResNet encoder + U-Net decoder), 2D and 3D."""
@@ -191,7 +208,8 @@ class CNNMIM(BackboneMethod[CNNMIMConfig]):
             return  # the constructor reports it
         stride = output_stride(net)
         if stride:
-            cfg.method["mask_patch_size"] = int(stride)
+            cfg.method["mask_patch_size"] = _default_unit(int(stride), int(data.image_size))
+
 
     def __init__(self, hparams: CNNMIMConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
         """Build the sparse ResNet, the decoder and the mask tokens.
