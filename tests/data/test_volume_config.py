@@ -84,12 +84,3 @@ def test_patch_loader_is_resume_exact_and_one_read_gives_several_crops(tmp_path)
     again.sampler.set_epoch(4)
     assert not torch.equal(next(iter(again.loader))["image"], full[0]["image"])
 
-
-def test_cnnmim_default_mask_unit_fits_small_sub_volumes():
-    """16^3 patches under a stride-32 3D ResNet (the contract's setting): the default mask unit falls back from the
-    total stride to the largest power of two giving >= 4 units per axis; large enough images keep the stride."""
-    from medssl.methods.cnnmim import _default_unit
-
-    assert _default_unit(32, 64) == 32 and _default_unit(32, 96) == 32 and _default_unit(8, 16) == 8
-    assert _default_unit(32, 16) == 4 and _default_unit(32, 32) == 8 and _default_unit(32, 24) == 4
-    assert _default_unit(32, 6) == 32  # nothing fits: the constructor's error names the sizes
