@@ -83,3 +83,4 @@ def test_patch_loader_is_resume_exact_and_one_read_gives_several_crops(tmp_path)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full, again.loader, strict=True))
     again.sampler.set_epoch(4)
     assert not torch.equal(next(iter(again.loader))["image"], full[0]["image"])
+
