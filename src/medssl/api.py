@@ -229,6 +229,50 @@ def pretrain(
     return _pretrain(cfg, out, resume=resume, force=force, progress=progress)
 
 
+def prepare(
+    data: str,
+    out: str | Path,
+    *,
+    image_size: int | None = None,
+    task: str | None = None,
+    workers: int = 1,
+    chunk_mb: float | None = None,
+    fail_on_bad: bool = False,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> Any:
+    """Read ``data`` once and write its preprocessed items as shards in ``out`` (``medssl prepare``).
+
+    ``overrides`` are ``data.KEY=VALUE`` strings (``data.intensity.mode=window`` ...), validated by
+    :class:`~medssl.config.DataConfig`. Returns a :class:`medssl.data.prepare.PrepareResult`.
+
+    Raises:
+        ConfigError: an override outside ``data.`` or an invalid value.
+        DataError: see :func:`medssl.data.prepare.prepare`.
+    """
+    from medssl.config import DataConfig, build_dataclass, deep_merge
+    from medssl.data.prepare import DEFAULT_CHUNK_MB
+    from medssl.data.prepare import prepare as _prepare
+
+    sets = parse_set(overrides)
+    other = sorted(k for k in sets if k != "data")
+    if other:
+        raise ConfigError(f"medssl prepare: --set takes data.* keys only, got '{other[0]}'")
+    explicit: dict[str, Any] = {"spec": data}
+    if image_size is not None:
+        explicit["image_size"] = image_size
+    if task is not None:
+        explicit["task"] = task
+    cfg = build_dataclass(DataConfig, deep_merge(explicit, sets.get("data") or {}), "data")
+    if cfg.splits:
+        raise ConfigError("medssl prepare: data.splits is applied when the shards are read (--splits FILE of "
+                          "pretrain / evaluate), not when they are written")
+    return _prepare(cfg.spec, out, image_size=cfg.image_size, task=cfg.task, intensity=cfg.intensity,
+                    follow_symlinks=cfg.follow_symlinks, workers=workers,
+                    chunk_mb=DEFAULT_CHUNK_MB if chunk_mb is None else chunk_mb, fail_on_bad=fail_on_bad,
+                    progress=progress)
+
+
 def evaluate(
     data: str,
     out: str | Path,
