@@ -83,6 +83,8 @@ class DataConfig:
         follow_symlinks: ``folder:`` follows symlinked directories that lead out of the data root (by default
             they are skipped with a warning; symlinks within the root and file symlinks are always followed,
             and a symlink cycle is entered once).
+        shuffle_buffer: items in each rank's shuffle buffer when pretraining streams from ``shards:`` (larger mixes
+            more chunks at once; see ``medssl.data.shards.stream_order``).
     """
 
     spec: str = "phantom2d"
@@ -96,12 +98,14 @@ class DataConfig:
     cache_dir: str | None = None
     splits: str | None = None
     follow_symlinks: bool = False
+    shuffle_buffer: int = 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise FieldError("spec", "must name a dataset (e.g. phantom2d, folder:DIR, csv:FILE.csv), got ''")
         check_range("image_size", self.image_size, ge=1, allow_none=True)
         check_range("num_workers", self.num_workers, ge=0)
+        check_range("shuffle_buffer", self.shuffle_buffer, ge=1)
         check_choice("split", self.split, SPLIT_CHOICES)
 
 
