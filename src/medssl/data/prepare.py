@@ -241,7 +241,8 @@ def prepare(
     if not todo:
         raise DataError(f"data {spec}: no readable item to prepare")
     writer = _ItemWriter(request, intensity, str(out))
-    _optimize(writer, todo, out, workers=min(workers, len(todo)), chunk_mb=chunk_mb, progress=progress)
+    if not (out / "index.json").is_file() or (out / ".checkpoints").exists():  # else LitData had finished
+        _optimize(writer, todo, out, workers=min(workers, len(todo)), chunk_mb=chunk_mb, progress=progress)
     bad_rows = sorted((json.loads(p.read_text()) for p in (out / _BAD).glob("*.json")), key=lambda b: b["index"])
     bad_index = {int(b["index"]) for b in bad_rows}
     keep = np.array([i for i in range(len(ds)) if i not in bad_index], dtype=np.int64)
