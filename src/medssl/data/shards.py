@@ -69,7 +69,8 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
     except Exception as e:  # the engine raises botocore / fsspec / OS errors of many kinds
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise DataError(f"shards:{url}: cannot read the remote shards ({type(e).__name__}: {first}); without "
-                        "network access copy the prepared folder to a local or shared disk and use shards:DIR") from None
+                        "network access copy the prepared folder to a local or shared disk and use shards:DIR"
+                        ) from None
     return cache_dir
 
 
@@ -127,7 +128,8 @@ def _chunk_table(folder: Path, name: str, remote: bool) -> tuple[list[str], np.n
         sizes = [int(c["chunk_size"]) for c in chunks]
         nbytes = [int(c["chunk_bytes"]) for c in chunks]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{name}: {path} (the shard index) is missing or unreadable ({type(e).__name__}: {e})") from None
+        raise DataError(f"{name}: {path} (the shard index) is missing or unreadable ({type(e).__name__}: {e})"
+                        ) from None
     if not remote:
         for fname, expected in zip(names, nbytes, strict=True):
             p = folder / fname
