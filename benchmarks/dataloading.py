@@ -1,6 +1,7 @@
 """Read + augment throughput of medssl's data path: PNG, DICOM (plain and JPEG 2000), NIfTI volumes.
 
     python benchmarks/dataloading.py [--n 64] [--size 512] [--volume 128x128x64] [--workers 0 1 2] [--json]
+        [--prepare-workers 2] [--no-shards]
 
 For each format it writes ``--n`` distinct files (content differs, so the content-hash cache cannot merge
 them) built from a real pydicom test image, then times one pass over a ``csv:`` manifest through the
@@ -10,7 +11,11 @@ DataLoader plus the batched view augmentation the methods run (``ViewSampler``),
 * ``fill``: first pass with the cache on (decode + write the cache entry);
 * ``cached``: second pass, items read back memory-mapped.
 
-Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run.
+and from shards (``medssl prepare`` once, then ``--data shards:DIR``, read through LitData): ``shards``. The
+``prepare`` throughput (items written per second, ``--prepare-workers`` processes) is measured once per format.
+
+Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run. The peak
+resident memory of each pass (this process plus its loader workers, sampled every 10 ms) is reported too.
 "read only" counts only the time the loop waited for the DataLoader (with workers: the reading they could not
 hide behind the augmentation), so "cached ÷ no cache (read)" is what the cache saves the training loop.
 """
@@ -138,6 +143,51 @@ def one_pass(spec: str, image_size: int, workers: int, cache_dir: Path | None, b
     return time.perf_counter() - t0, wait, n
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and of its children (loader workers), MB (Linux ``/proc``; 0 elsewhere)."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 2**20
+
+
+def measured(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the peak resident memory (MB) of this process plus its loader workers while it ran, sampled
+    every 10 ms (the workers' shared pages are counted in each: an upper bound)."""
+    import threading
+
+    peak, stop = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb(os.getpid()))
+            stop.wait(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        res = fn(*args)
+    finally:
+        stop.set()
+        t.join()
+    return res, peak[0]
+
+
+def prepare_shards(spec: str, size: int, out: Path, workers: int) -> float:
+    """``medssl prepare`` of ``spec`` at ``size`` into ``out``: items written per second."""
+    from medssl.data.prepare import prepare
+
+    res = prepare(spec, out, image_size=size, workers=workers, progress=False)
+    return res.num_items / res.seconds
+
+
 def _collate(items: list[dict[str, Any]]) -> torch.Tensor:
     return torch.stack([it["image"] for it in items])
 
@@ -155,17 +205,26 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         for name, (files, size) in sets.items():
             spec = f"csv:{write_manifest(files, tmp / (name.replace(' ', '_') + '.csv'))}"
+            shards = tmp / ("shards-" + name.replace(" ", "_"))
+            prep_rate = None if args.no_shards else prepare_shards(spec, size, shards, args.prepare_workers)
             for workers in args.workers:
                 cache = tmp / f"cache-{name}-{workers}".replace(" ", "_")
-                t_none, w_none, n = one_pass(spec, size, workers, None, args.batch_size)
+                (t_none, w_none, n), m_none = measured(one_pass, spec, size, workers, None, args.batch_size)
                 t_fill, _, _ = one_pass(spec, size, workers, cache, args.batch_size)
-                t_hit, w_hit, _ = one_pass(spec, size, workers, cache, args.batch_size)
+                (t_hit, w_hit, _), m_hit = measured(one_pass, spec, size, workers, cache, args.batch_size)
                 shutil.rmtree(cache, ignore_errors=True)
-                rows.append({"format": name, "workers": workers, "items": n, "output_size": size,
-                             "nocache_per_s": n / t_none, "fill_per_s": n / t_fill, "cached_per_s": n / t_hit,
-                             "speedup_cached": t_none / t_hit,
-                             "nocache_read_per_s": n / w_none, "cached_read_per_s": n / w_hit,
-                             "speedup_cached_read": w_none / w_hit})
+                row = {"format": name, "workers": workers, "items": n, "output_size": size,
+                       "nocache_per_s": n / t_none, "fill_per_s": n / t_fill, "cached_per_s": n / t_hit,
+                       "speedup_cached": t_none / t_hit,
+                       "nocache_read_per_s": n / w_none, "cached_read_per_s": n / w_hit,
+                       "speedup_cached_read": w_none / w_hit, "nocache_peak_mb": m_none, "cached_peak_mb": m_hit}
+                if prep_rate is not None:
+                    (t_sh, w_sh, _), m_sh = measured(one_pass, f"shards:{shards}", size, workers, None,
+                                                     args.batch_size)
+                    row.update({"prepare_per_s": prep_rate, "shards_per_s": n / t_sh, "shards_read_per_s": n / w_sh,
+                                "shards_peak_mb": m_sh, "shards_vs_nocache_read": w_none / w_sh,
+                                "shards_vs_cached_read": w_hit / w_sh})
+                rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -180,6 +239,8 @@ def main() -> None:
     ap.add_argument("--volume-size", type=int, default=64, help="3D model input side")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prepare-workers", type=int, default=2, help="medssl prepare worker processes")
+    ap.add_argument("--no-shards", action="store_true", help="skip the shards columns")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -195,6 +256,18 @@ def main() -> None:
         print(f"| {r['format']} | {r['workers']} | {r['items']} | {r['nocache_per_s']:.1f} | {r['fill_per_s']:.1f} | "
               f"{r['cached_per_s']:.1f} | {r['speedup_cached']:.1f}× | {r['nocache_read_per_s']:.1f} | "
               f"{r['cached_read_per_s']:.1f} | {r['speedup_cached_read']:.1f}× |")
+    if any("shards_per_s" in r for r in rows):
+        print()
+        print("| format | workers | prepare /s | raw read /s | cached read /s | shards read /s | shards ÷ raw (read) | "
+              "shards ÷ cached (read) | shards read+views /s | peak MB raw / cached / shards |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "shards_per_s" in r:
+                print(f"| {r['format']} | {r['workers']} | {r['prepare_per_s']:.1f} | {r['nocache_read_per_s']:.1f} | "
+                      f"{r['cached_read_per_s']:.1f} | {r['shards_read_per_s']:.1f} | "
+                      f"{r['shards_vs_nocache_read']:.1f}× | {r['shards_vs_cached_read']:.1f}× | "
+                      f"{r['shards_per_s']:.1f} | {r['nocache_peak_mb']:.0f} / {r['cached_peak_mb']:.0f} / "
+                      f"{r['shards_peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

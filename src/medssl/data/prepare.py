@@ -88,8 +88,13 @@ class _ItemWriter:
 
     def _dataset(self) -> Any:
         if self._ds is None:
+            import torch
+
             from .specs import open_dataset
 
+            # one thread per worker, as in DataLoader workers: no oversubscription, and no OpenMP thread team
+            # inherited through fork from a parent that ran parallel torch ops (it would deadlock)
+            torch.set_num_threads(1)
             r = self.request
             self._ds = open_dataset(r["spec"], image_size=r["image_size"], task=r["task"], seed=r["seed"],
                                     intensity=self.intensity, follow_symlinks=r["follow_symlinks"])
