@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medssl.config import PRECISIONS, PretrainConfig, build_config, load_yaml, parse_set
+from medssl.config import ACCELERATORS, PRECISIONS, PretrainConfig, build_config, load_yaml, parse_set
 from medssl.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ PRETRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("lr", "optim.lr", "peak learning rate (default: the method's)", float),
     Flag("seed", "train.seed", "seed of data order, augmentations and initialisation", int),
     Flag("devices", "train.devices", "devices (GPUs, or CPU processes); >1 uses DDP", positive_int),
+    Flag("num_nodes", "train.num_nodes", "nodes of a multi-node DDP run (torchrun / SLURM start one process per "
+         "device)", positive_int),
+    Flag("accelerator", "train.accelerator", "auto (default), cpu, cuda, gpu or mps", choices=ACCELERATORS),
     Flag("precision", "train.precision", "numeric precision (bf16-mixed: bf16 autocast on GPU)",
          choices=PRECISIONS),
     Flag("splits", "data.splits", "split manifest (splits.csv of an earlier run) to reuse", metavar="FILE"),
