@@ -234,3 +234,11 @@ def test_loader_state_checks_on_resume() -> None:
     check_loader_resume(saved, {**saved, "world_size": 1, "batch": 0}, "ckpt")  # at an epoch boundary it may
     with pytest.raises(ConfigError, match="reading shards data"):
         check_loader_resume(saved, {**saved, "kind": "map"}, "ckpt")
+
+
+def test_high_resolution_copies_are_refused_in_one_line(prepared: Path) -> None:
+    from medssl.data.highres import HighResDataset
+
+    hr = HighResDataset(open_dataset(f"shards:{prepared}"), (2,))
+    with pytest.raises(DataError, match="hold 16-pixel items, 32-pixel copies were asked for"):
+        hr[0]

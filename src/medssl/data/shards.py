@@ -192,6 +192,7 @@ class ShardsDataset(ImageDataset):
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{name}: {folder / MANIFEST} is inconsistent ({e})") from None
+        self.prepared_size = prepared_size
         self._stream: Any = None
         self._pid = -1
 
@@ -216,6 +217,10 @@ class ShardsDataset(ImageDataset):
         return int(np.searchsorted(self.chunk_starts, index, side="right") - 1)
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.image_size != self.prepared_size:  # a copy at another size (high-resolution targets)
+            raise DataError(f"{self.name}: the shards hold {self.prepared_size}-pixel items, {self.image_size}-pixel "
+                            "copies were asked for (a method that reconstructs at a higher resolution, e.g. MIRAM); "
+                            "use the source spec, or shards prepared at that size")
         try:
             item = self._engine()[int(index)]
             image = np.asarray(item["image"], dtype=np.float32)
