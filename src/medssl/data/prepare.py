@@ -78,8 +78,8 @@ class _ItemWriter:
     Picklable (workers are spawned): each worker process opens the source once.
     """
 
-    def __init__(self, request: dict[str, Any], intensity: Any, out: str) -> None:
-        self.request, self.intensity, self.out = request, intensity, out
+    def __init__(self, request: dict[str, Any], intensity: Any, options: dict[str, Any], out: str) -> None:
+        self.request, self.intensity, self.options, self.out = request, intensity, options, out
         self._ds: Any = None
         self._tick: Any = None
 
@@ -97,7 +97,7 @@ class _ItemWriter:
             torch.set_num_threads(1)
             r = self.request
             self._ds = open_dataset(r["spec"], image_size=r["image_size"], task=r["task"], seed=r["seed"],
-                                    intensity=self.intensity, follow_symlinks=r["follow_symlinks"])
+                                    intensity=self.intensity, follow_symlinks=r["follow_symlinks"], **self.options)
             self._tick = open(Path(self.out) / _PROGRESS / f"{os.getpid()}", "ab", buffering=0)  # noqa: SIM115
         return self._ds
 
@@ -118,9 +118,10 @@ class _ItemWriter:
 
 
 def _request(spec: str, image_size: int | None, task: str | None, seed: int, intensity: Any,
-             follow_symlinks: bool, extra: dict[str, Any]) -> dict[str, Any]:
+             follow_symlinks: bool, options: dict[str, Any]) -> dict[str, Any]:
     return {"spec": spec, "image_size": image_size, "task": task, "seed": int(seed),
-            "intensity": _plain(intensity), "follow_symlinks": bool(follow_symlinks), **extra}
+            "intensity": _plain(intensity), "follow_symlinks": bool(follow_symlinks),
+            **{k: _plain(v) for k, v in options.items()}}
 
 
 def _fingerprint(request: dict[str, Any]) -> str:
@@ -197,7 +198,7 @@ def _to_list(values: np.ndarray | None) -> Any:
 def prepare(
     spec: str, out: str | Path, *, image_size: int | None = None, task: str | None = None, seed: int = 0,
     intensity: Any = None, follow_symlinks: bool = False, workers: int = 1, chunk_mb: float = DEFAULT_CHUNK_MB,
-    fail_on_bad: bool = False, progress: bool = True, extra: dict[str, Any] | None = None,
+    fail_on_bad: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
 ) -> PrepareResult:
     """Write the items of ``spec`` (preprocessed as ``open_dataset`` would) as shards in ``out``.
 
@@ -209,7 +210,8 @@ def prepare(
         chunk_mb: target size of one shard in MB.
         fail_on_bad: an unreadable item is an error (after the others are written) instead of a line in ``bad.csv``.
         progress: show a progress bar on a terminal.
-        extra: further preprocessing settings recorded in the request (its fingerprint decides what a resume is).
+        options: further keyword arguments of ``open_dataset`` (settings other helpers add, e.g. resampling), passed
+            to it and recorded in the request (its fingerprint decides what counts as the same prepare).
 
     Raises:
         DataError: bad spec or settings, an ``out`` that is not a prepare of this request, no readable item, or
@@ -224,10 +226,11 @@ def prepare(
             not 0 < chunk_mb <= 4096:
         raise DataError(f"--chunk-mb must be a number in (0, 4096], got {chunk_mb!r}")
     out = Path(out).expanduser()
-    request = _request(spec, image_size, task, seed, intensity, follow_symlinks, dict(extra or {}))
+    options = dict(options or {})
+    request = _request(spec, image_size, task, seed, intensity, follow_symlinks, options)
     mode = _check_out(out, request)
     ds = open_dataset(spec, image_size=image_size, task=task, seed=seed, intensity=intensity,
-                      follow_symlinks=follow_symlinks)
+                      follow_symlinks=follow_symlinks, **options)
     if mode == "done":
         manifest = json.loads((out / MANIFEST).read_text())
         bad = [(b["source"], b["reason"]) for b in manifest.get("bad", [])]
@@ -245,7 +248,7 @@ def prepare(
     todo = [i for i in range(len(ds)) if i not in ds.open_errors]
     if not todo:
         raise DataError(f"data {spec}: no readable item to prepare")
-    writer = _ItemWriter(request, intensity, str(out))
+    writer = _ItemWriter(request, intensity, options, str(out))
     if not (out / "index.json").is_file() or (out / ".checkpoints").exists():  # else LitData had finished
         _optimize(writer, todo, out, workers=min(workers, len(todo)), chunk_mb=chunk_mb, progress=progress)
     bad_rows = sorted((json.loads(p.read_text()) for p in (out / _BAD).glob("*.json")), key=lambda b: b["index"])
