@@ -64,8 +64,10 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
     base = url.rstrip("/")
     try:
         downloader = get_downloader(base, str(cache_dir), [])
-        for name in (MANIFEST, "index.json"):
-            downloader.download_file(f"{base}/{name}", str(cache_dir / name))
+        for name in (MANIFEST, "index.json"):  # private file, then an atomic rename: ranks may share the cache
+            tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
+            downloader.download_file(f"{base}/{name}", str(tmp))
+            os.replace(tmp, cache_dir / name)
     except Exception as e:  # the engine raises botocore / fsspec / OS errors of many kinds
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise DataError(f"shards:{url}: cannot read the remote shards ({type(e).__name__}: {first}); without "
