@@ -242,3 +242,15 @@ def test_high_resolution_copies_are_refused_in_one_line(prepared: Path) -> None:
     hr = HighResDataset(open_dataset(f"shards:{prepared}"), (2,))
     with pytest.raises(DataError, match="hold 16-pixel items, 32-pixel copies were asked for"):
         hr[0]
+
+
+def test_the_remote_path_through_litdatas_downloader(prepared: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``local:DIR`` goes the way of ``s3://``: manifest and index downloaded, chunks staged into the local cache."""
+    monkeypatch.setenv("MEDSSL_CACHE_DIR", str(tmp_path / "cache" / "items"))
+    remote = open_dataset(f"shards:local:{prepared}")
+    local = open_dataset(f"shards:{prepared}")
+    assert remote.remote and str(remote.folder).startswith(str(tmp_path / "cache" / "shards"))
+    for i in range(0, 40, 3):
+        assert torch.equal(remote[i]["image"], local[i]["image"])
+    assert list((tmp_path / "cache" / "shards").rglob("chunk-*.bin"))  # staged copies, read from the cache

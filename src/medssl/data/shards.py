@@ -42,8 +42,10 @@ __all__ = ["MANIFEST", "ShardsDataset", "is_remote", "read_manifest", "stream_or
 
 
 def is_remote(location: str) -> bool:
-    """``location`` is a URL (``s3://bucket/x``), not a local path (``file://`` counts as local)."""
-    return bool(_URL.match(location)) and not location.startswith("file://")
+    """``location`` is read through LitData's downloader into a local chunk cache: a URL (``s3://bucket/x``) or
+    ``local:/path`` (a slow shared disk staged chunk by chunk to the local cache). ``file://`` and plain paths are
+    read in place."""
+    return (bool(_URL.match(location)) and not location.startswith("file://")) or location.startswith("local:")
 
 
 def _local(location: str) -> Path:
@@ -214,6 +216,10 @@ class ShardsDataset(ImageDataset):
             self._pid = os.getpid()
         return self._stream
 
+    def _chunk_path(self, index: int) -> str:
+        name = self.chunk_names[self.chunk_of(index)]
+        return f"{self.location.rstrip('/')}/{name}" if self.remote else str(self.folder / name)
+
     def chunk_of(self, index: int) -> int:
         """The chunk holding item ``index``."""
         return int(np.searchsorted(self.chunk_starts, index, side="right") - 1)
@@ -230,13 +236,13 @@ class ShardsDataset(ImageDataset):
         except DataError:
             raise
         except Exception as e:  # LitData raises struct / zstd / OS / index errors on a damaged chunk
-            chunk = self.folder / self.chunk_names[self.chunk_of(index)]
+            chunk = self._chunk_path(index)
             first = (str(e).splitlines() or [type(e).__name__])[0][:160]
             raise DataError(f"{self.name}: shard {chunk} is corrupt (item {index}: {type(e).__name__}: {first}); "
                             "prepare the data again or restore the file") from None
         expected = (self.in_chans,) + (self.image_size,) * self.spatial_dims
         if image.shape != expected:
-            chunk = self.folder / self.chunk_names[self.chunk_of(index)]
+            chunk = self._chunk_path(index)
             raise DataError(f"{self.name}: shard {chunk} is corrupt (item {index} has shape {image.shape}, the "
                             f"manifest says {expected})")
         return torch.from_numpy(image.copy()), None if mask is None else torch.from_numpy(mask.copy())
