@@ -14,7 +14,9 @@ DataLoader plus the batched view augmentation the methods run (``ViewSampler``),
 and from shards (``medssl prepare`` once, then ``--data shards:DIR``, read through LitData): ``shards``. The
 ``prepare`` throughput (items written per second, ``--prepare-workers`` processes) is measured once per format.
 
-Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run. The peak
+Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run. "Reading alone"
+interleaves ``ds[i]`` over every item from the raw files, the warm cache and the shards (best of ``--pure-reps``
+rounds): the read path without loader or augmentation, the comparison least disturbed by a loaded machine. The peak
 resident memory of each pass (this process plus its loader workers, sampled every 10 ms) is reported too.
 "read only" counts only the time the loop waited for the DataLoader (with workers: the reading they could not
 hide behind the augmentation), so "cached ÷ no cache (read)" is what the cache saves the training loop.
@@ -180,6 +182,29 @@ def measured(fn: Any, *args: Any) -> tuple[Any, float]:
     return res, peak[0]
 
 
+def pure_read(spec: str, shards: Path, size: int, cache: Path, reps: int) -> dict[str, float]:
+    """Items/s of reading alone (``ds[i]`` over every item in the main process, no loader, no views) from the raw
+    files, the warm item cache and the shards; the three are interleaved and the best of ``reps`` rounds is kept,
+    so load on the machine hits all three alike."""
+    from medssl.config import DataConfig
+    from medssl.data.specs import open_from_config
+
+    sets = {"raw": open_from_config(DataConfig(spec=spec, image_size=size, cache=False)),
+            "cached": open_from_config(DataConfig(spec=spec, image_size=size, cache=True, cache_dir=str(cache))),
+            "shards": open_from_config(DataConfig(spec=f"shards:{shards}", image_size=size))}
+    for i in range(len(sets["cached"])):  # warm: entries written, digests indexed
+        sets["cached"][i]
+    best = dict.fromkeys(sets, float("inf"))
+    for _ in range(reps):
+        for name, ds in sets.items():
+            t0 = time.perf_counter()
+            for i in range(len(ds)):
+                ds[i]
+            best[name] = min(best[name], time.perf_counter() - t0)
+    n = len(sets["raw"])
+    return {f"pure_{k}_per_s": n / v for k, v in best.items()}
+
+
 def prepare_shards(spec: str, size: int, out: Path, workers: int) -> float:
     """``medssl prepare`` of ``spec`` at ``size`` into ``out``: items written per second."""
     from medssl.data.prepare import prepare
@@ -233,6 +258,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 "prepare_per_s": prep_rate, "shards_per_s": n / t_sh, "shards_read_per_s": n / w_sh,
                                 "shards_peak_mb": m_sh, "shards_vs_nocache_read": w_none / w_sh,
                                 "shards_vs_cached_read": w_hit / w_sh})
+                if prep_rate is not None and workers == args.workers[0]:
+                    row.update(pure_read(spec, shards, size, tmp / "pure-cache", args.pure_reps))
                 shutil.rmtree(cache, ignore_errors=True)
                 rows.append(row)
     finally:
@@ -251,6 +278,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prepare-workers", type=int, default=2, help="medssl prepare worker processes")
     ap.add_argument("--no-shards", action="store_true", help="skip the shards columns")
+    ap.add_argument("--pure-reps", type=int, default=3, help="rounds of the interleaved reading-alone comparison")
     ap.add_argument("--repeats", type=int, default=1, help="extra cached / shards passes, interleaved (best kept)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -279,6 +307,14 @@ def main() -> None:
                       f"{r['shards_vs_nocache_read']:.1f}× | {r['shards_vs_cached_read']:.1f}× | "
                       f"{r['shards_per_s']:.1f} | {r['nocache_peak_mb']:.0f} / {r['cached_peak_mb']:.0f} / "
                       f"{r['shards_peak_mb']:.0f} |")
+        print()
+        print("| format | reading alone, raw /s | item cache /s | shards /s | shards ÷ raw | shards ÷ cache |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if "pure_shards_per_s" in r:
+                print(f"| {r['format']} | {r['pure_raw_per_s']:.1f} | {r['pure_cached_per_s']:.1f} | "
+                      f"{r['pure_shards_per_s']:.1f} | {r['pure_shards_per_s'] / r['pure_raw_per_s']:.1f}× | "
+                      f"{r['pure_shards_per_s'] / r['pure_cached_per_s']:.2f}× |")
 
 
 if __name__ == "__main__":
