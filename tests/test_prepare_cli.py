@@ -90,3 +90,31 @@ def test_embed_reads_shards(shards: Path, tmp_path: Path, capsys: pytest.Capture
     import numpy as np
 
     assert np.load(out / "features.npy").shape[0] == 24
+
+
+def test_data_settings_are_applied_and_recorded(tmp_path: Path) -> None:
+    """``--set data.intensity.mode=...`` shapes the items exactly as in a run, and is part of the request."""
+    import csv
+    import json
+    import shutil
+
+    import torch
+    from pydicom.data import get_testdata_file
+
+    from medssl.config import DataConfig, IntensityConfig
+    from medssl.data.specs import open_dataset, open_from_config
+
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "a.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "b.dcm")
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["path", "patient_id"], ["a.dcm", "p0"], ["b.dcm", "p1"]])
+    spec = f"csv:{tmp_path / 'm.csv'}"
+    out = tmp_path / "s"
+    assert main(["prepare", "--data", spec, "--image-size", "16", "--out", str(out), "--workers", "1", "--quiet",
+                 "--set", "data.intensity.mode=minmax"]) == 0
+    ref = open_from_config(DataConfig(spec=spec, image_size=16, intensity=IntensityConfig(mode="minmax"), cache=False))
+    default = open_from_config(DataConfig(spec=spec, image_size=16, cache=False))
+    ds = open_dataset(f"shards:{out}")
+    assert torch.equal(ds[0]["image"], ref[0]["image"]) and not torch.equal(ds[0]["image"], default[0]["image"])
+    assert json.loads((out / "medssl-shards.json").read_text())["request"]["intensity"]["mode"] == "minmax"

@@ -270,18 +270,8 @@ def prepare(
     if cfg.splits:
         raise ConfigError("medssl prepare: data.splits is applied when the shards are read (--splits FILE of "
                           "pretrain / evaluate), not when they are written")
-    import inspect
-
-    from medssl.data.specs import open_dataset
-
-    # every other data setting open_dataset takes (resampling, volume handling ...) shapes the items: forward it
-    named = {"spec", "image_size", "task", "seed", "intensity", "follow_symlinks"}
-    options = {k: getattr(cfg, k) for k in inspect.signature(open_dataset).parameters
-               if k not in named and hasattr(cfg, k)}
-    return _prepare(cfg.spec, out, image_size=cfg.image_size, task=cfg.task, intensity=cfg.intensity,
-                    follow_symlinks=cfg.follow_symlinks, workers=workers,
-                    chunk_mb=DEFAULT_CHUNK_MB if chunk_mb is None else chunk_mb, fail_on_bad=fail_on_bad,
-                    progress=progress, options=options)
+    return _prepare(cfg, out, workers=workers, chunk_mb=DEFAULT_CHUNK_MB if chunk_mb is None else chunk_mb,
+                    fail_on_bad=fail_on_bad, progress=progress)
 
 
 def evaluate(

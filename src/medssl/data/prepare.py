@@ -23,7 +23,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,8 @@ class _ItemWriter:
     Picklable (workers are spawned): each worker process opens the source once.
     """
 
-    def __init__(self, request: dict[str, Any], intensity: Any, options: dict[str, Any], out: str) -> None:
-        self.request, self.intensity, self.options, self.out = request, intensity, options, out
+    def __init__(self, data: Any, out: str) -> None:
+        self.data, self.out = data, out
         self._ds: Any = None
         self._tick: Any = None
 
@@ -90,14 +90,10 @@ class _ItemWriter:
         if self._ds is None:
             import torch
 
-            from .specs import open_dataset
-
             # one thread per worker, as in DataLoader workers: no oversubscription, and no OpenMP thread team
             # inherited through fork from a parent that ran parallel torch ops (it would deadlock)
             torch.set_num_threads(1)
-            r = self.request
-            self._ds = open_dataset(r["spec"], image_size=r["image_size"], task=r["task"], seed=r["seed"],
-                                    intensity=self.intensity, follow_symlinks=r["follow_symlinks"], **self.options)
+            self._ds = open_source(self.data)
             self._tick = open(Path(self.out) / _PROGRESS / f"{os.getpid()}", "ab", buffering=0)  # noqa: SIM115
         return self._ds
 
@@ -117,11 +113,38 @@ class _ItemWriter:
         return out
 
 
-def _request(spec: str, image_size: int | None, task: str | None, seed: int, intensity: Any,
-             follow_symlinks: bool, options: dict[str, Any]) -> dict[str, Any]:
-    return {"spec": spec, "image_size": image_size, "task": task, "seed": int(seed),
-            "intensity": _plain(intensity), "follow_symlinks": bool(follow_symlinks),
-            **{k: _plain(v) for k, v in options.items()}}
+@dataclass
+class SourceSpec:
+    """The data settings of a plain spec string (the API and the CLI pass a ``DataConfig`` instead)."""
+
+    spec: str
+    image_size: int | None = None
+    task: str | None = None
+    intensity: Any = None
+    follow_symlinks: bool = False
+    skip_bad: bool = True
+    splits: str | None = None
+    cache: bool = False
+    cache_dir: str | None = None
+
+
+#: ``data`` settings that do not shape an item: left out of the request (and of what makes two prepares the same).
+RUNTIME_KEYS = frozenset({"num_workers", "split", "skip_bad", "cache", "cache_dir", "splits", "shuffle_buffer"})
+
+
+def open_source(data: Any) -> Any:
+    """The source dataset with every setting of ``data`` that shapes an item (as a run would open it), without the
+    item cache, a split manifest or the check for unreadable files (they are listed instead)."""
+    from .specs import open_from_config
+
+    if is_dataclass(data):
+        data = replace(data, skip_bad=True, splits=None)
+    return open_from_config(data, cache=False)
+
+
+def _request(data: Any) -> dict[str, Any]:
+    """What the prepare is of: the ``data`` settings that shape an item, as plain values."""
+    return {f.name: _plain(getattr(data, f.name)) for f in fields(data) if f.name not in RUNTIME_KEYS}
 
 
 def _fingerprint(request: dict[str, Any]) -> str:
@@ -196,29 +219,26 @@ def _to_list(values: np.ndarray | None) -> Any:
 
 
 def prepare(
-    spec: str, out: str | Path, *, image_size: int | None = None, task: str | None = None, seed: int = 0,
-    intensity: Any = None, follow_symlinks: bool = False, workers: int = 1, chunk_mb: float = DEFAULT_CHUNK_MB,
-    fail_on_bad: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
+    data: Any, out: str | Path, *, image_size: int | None = None, task: str | None = None, workers: int = 1,
+    chunk_mb: float = DEFAULT_CHUNK_MB, fail_on_bad: bool = False, progress: bool = True,
 ) -> PrepareResult:
-    """Write the items of ``spec`` (preprocessed as ``open_dataset`` would) as shards in ``out``.
+    """Write the items of ``data`` (preprocessed as a run would read them) as shards in ``out``.
 
     Args:
-        spec: any data spec (``shards:`` too: re-sharding at another chunk size).
+        data: a ``DataConfig`` (every setting that shapes an item is applied and recorded: size, task, intensity,
+            resampling ...), or a spec string (any spec, ``shards:`` too: re-sharding at another chunk size) with
+            ``image_size`` and ``task``.
         out: the folder to write; it must not exist, be empty, or hold an interrupted prepare of the same request.
-        image_size, task, seed, intensity, follow_symlinks: as for :func:`medssl.data.specs.open_dataset`.
+        image_size, task: with a spec string, the item size and label task.
         workers: worker processes (LitData's ``num_workers``).
         chunk_mb: target size of one shard in MB.
         fail_on_bad: an unreadable item is an error (after the others are written) instead of a line in ``bad.csv``.
         progress: show a progress bar on a terminal.
-        options: further keyword arguments of ``open_dataset`` (settings other helpers add, e.g. resampling), passed
-            to it and recorded in the request (its fingerprint decides what counts as the same prepare).
 
     Raises:
         DataError: bad spec or settings, an ``out`` that is not a prepare of this request, no readable item, or
             (``fail_on_bad``) any unreadable item.
     """
-    from .specs import open_dataset
-
     t0 = time.perf_counter()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"--workers must be a positive integer, got {workers!r}")
@@ -226,11 +246,12 @@ def prepare(
             not 0 < chunk_mb <= 4096:
         raise DataError(f"--chunk-mb must be a number in (0, 4096], got {chunk_mb!r}")
     out = Path(out).expanduser()
-    options = dict(options or {})
-    request = _request(spec, image_size, task, seed, intensity, follow_symlinks, options)
+    if isinstance(data, str):
+        data = SourceSpec(data, image_size=image_size, task=task)
+    spec = data.spec
+    request = _request(data)
     mode = _check_out(out, request)
-    ds = open_dataset(spec, image_size=image_size, task=task, seed=seed, intensity=intensity,
-                      follow_symlinks=follow_symlinks, **options)
+    ds = open_source(data)
     if mode == "done":
         manifest = json.loads((out / MANIFEST).read_text())
         bad = [(b["source"], b["reason"]) for b in manifest.get("bad", [])]
@@ -248,7 +269,7 @@ def prepare(
     todo = [i for i in range(len(ds)) if i not in ds.open_errors]
     if not todo:
         raise DataError(f"data {spec}: no readable item to prepare")
-    writer = _ItemWriter(request, intensity, options, str(out))
+    writer = _ItemWriter(data, str(out))
     if not (out / "index.json").is_file() or (out / ".checkpoints").exists():  # else LitData had finished
         _optimize(writer, todo, out, workers=min(workers, len(todo)), chunk_mb=chunk_mb, progress=progress)
     bad_rows = sorted((json.loads(p.read_text()) for p in (out / _BAD).glob("*.json")), key=lambda b: b["index"])
@@ -303,7 +324,7 @@ def _optimize(writer: _ItemWriter, todo: list[int], out: Path, *, workers: int, 
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])
             text = next((line for line in reversed(first) if line.strip()), type(e).__name__)[:300]
-            raise DataError(f"prepare {writer.request['spec']} -> {out}: a worker failed ({text}); run the same "
+            raise DataError(f"prepare {writer.data.spec} -> {out}: a worker failed ({text}); run the same "
                             "command again to continue") from None
         finally:
             sys.stdout = stdout
