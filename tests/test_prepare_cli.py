@@ -118,3 +118,42 @@ def test_data_settings_are_applied_and_recorded(tmp_path: Path) -> None:
     ds = open_dataset(f"shards:{out}")
     assert torch.equal(ds[0]["image"], ref[0]["image"]) and not torch.equal(ds[0]["image"], default[0]["image"])
     assert json.loads((out / "medssl-shards.json").read_text())["request"]["intensity"]["mode"] == "minmax"
+
+
+def test_spacing_and_3d_volume_modes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--spacing`` is ``data.spacing`` (recorded; bad values refused); 3D shards need the resize volume mode."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from medssl.config import DataConfig
+    from medssl.data.specs import open_dataset, open_from_config
+
+    rng = np.random.default_rng(0)
+    rows = ["path,patient_id"]
+    for i in range(2):
+        nib.save(nib.Nifti1Image(rng.normal(100, 20, (12, 10, 8)).astype(np.float32), np.diag([1.0, 1.0, 2.0, 1])),
+                 tmp_path / f"v{i}.nii.gz")
+        rows.append(f"v{i}.nii.gz,p{i}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    spec = f"csv:{tmp_path / 'm.csv'}"
+    base = ["prepare", "--data", spec, "--image-size", "8", "--workers", "1", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "p"), "--spacing", "2"]) == 2
+    assert "data.volume_mode=resize" in capsys.readouterr().err  # patches mode: native-size crops, not shards
+    out = tmp_path / "s"
+    assert main([*base, "--out", str(out), "--spacing", "2", "--set", "data.volume_mode=resize"]) == 0
+    request = json.loads((out / "medssl-shards.json").read_text())["request"]
+    assert request["spacing"] == [2.0, 2.0, 2.0] and request["volume_mode"] == "resize"
+    ref = open_from_config(DataConfig(spec=spec, image_size=8, spacing=2.0, volume_mode="resize", cache=False))
+    ds = open_dataset(f"shards:{out}")
+    assert ds.spatial_dims == 3 and torch.equal(ds[1]["image"], ref[1]["image"])
+    for bad in ("0", "-1", "a,b,c", "1,2"):
+        code = None
+        try:
+            code = main([*base, "--out", str(tmp_path / "x"), "--spacing", bad, "--set", "data.volume_mode=resize"])
+        except SystemExit as e:
+            code = e.code
+        assert code == 2, bad
+        assert "Traceback" not in capsys.readouterr().err

@@ -241,13 +241,15 @@ def prepare(
     workers: int = 1,
     chunk_mb: float | None = None,
     fail_on_bad: bool = False,
+    spacing: Any = None,
     overrides: Sequence[str] = (),
     progress: bool = True,
 ) -> Any:
     """Read ``data`` once and write its preprocessed items as shards in ``out`` (``medssl prepare``).
 
-    ``overrides`` are ``data.KEY=VALUE`` strings (``data.intensity.mode=window`` ...), validated by
-    :class:`~medssl.config.DataConfig`. Returns a :class:`medssl.data.prepare.PrepareResult`.
+    ``spacing`` is ``data.spacing`` (3D: ``[z, y, x]`` mm, one number or ``"native"``); ``overrides`` are
+    ``data.KEY=VALUE`` strings (``data.intensity.mode=window`` ...), validated by :class:`~medssl.config.DataConfig`.
+    Returns a :class:`medssl.data.prepare.PrepareResult`.
 
     Raises:
         ConfigError: an override outside ``data.`` or an invalid value.
@@ -266,6 +268,8 @@ def prepare(
         explicit["image_size"] = image_size
     if task is not None:
         explicit["task"] = task
+    if spacing is not None:
+        explicit["spacing"] = spacing
     cfg = build_dataclass(DataConfig, deep_merge(explicit, sets.get("data") or {}), "data")
     if cfg.splits:
         raise ConfigError("medssl prepare: data.splits is applied when the shards are read (--splits FILE of "

@@ -16,14 +16,15 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     """Register the four sub-commands on ``medssl``'s sub-parser object."""
     from medssl.cli import protocol_choices
     from medssl.data.splits import SPLIT_NAMES
-    from medssl.encoders import DEVICE_HELP, INITS
+    from medssl.encoders import DEVICE_HELP, INIT_HELP
     from medssl.export_formats import FORMATS
 
     protocol_names, protocol_help = protocol_choices()
     cmp = sub.add_parser("compare", help="evaluate several runs and baselines with several protocols: one table")
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories to compare")
-    cmp.add_argument("--init", action="append", default=[], choices=INITS,
-                     help="baseline initialisation with the first run's backbone (repeatable); imagenet needs the "
+    cmp.add_argument("--init", action="append", default=[], metavar="INIT",
+                     help=f"baseline initialisation with the first run's backbone (repeatable): {INIT_HELP}; "
+                          "imagenet needs the "
                           "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note "
                           "otherwise")
     cmp.add_argument("--data", required=True, help=data_help)
@@ -51,7 +52,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     src = emb.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory")
     src.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    src.add_argument("--init", choices=INITS, help="a baseline initialisation")
+    src.add_argument("--init", metavar="INIT", help=f"a baseline initialisation: {INIT_HELP}")
     emb.add_argument("--data", required=True, help=data_help)
     emb.add_argument("--task", help="label task where the dataset has several")
     emb.add_argument("--split", choices=SPLIT_NAMES, help="only this split (default: all items)")
@@ -79,6 +80,8 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
                      "input continues; anything else is refused)")
     pre.add_argument("--image-size", type=positive_int, help="side length the items are resized to")
     pre.add_argument("--task", help="label task where the dataset has several")
+    pre.add_argument("--spacing", type=_spacing, metavar="MM|Z,Y,X|native",
+                     help="3D: resample every volume to this voxel spacing in mm first (data.spacing)")
     pre.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                      help="worker processes (default: min(4, CPUs))")
     pre.add_argument("--chunk-mb", type=_chunk_mb, metavar="MB", help="target shard size in MB (default 64)")
@@ -87,6 +90,18 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                      help="any data setting, e.g. --set data.intensity.mode=window (repeatable)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _spacing(text: str) -> Any:
+    if text.strip() == "native":
+        return "native"
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'native', MM or Z,Y,X in mm, got '{text}'") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected one spacing or three (Z,Y,X), got '{text}'")
+    return values[0] if len(values) == 1 else values
 
 
 def _chunk_mb(text: str) -> float:
@@ -140,7 +155,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from medssl.api import prepare
 
     res = prepare(a.data, a.out, image_size=a.image_size, task=a.task, workers=a.workers, chunk_mb=a.chunk_mb,
-                  fail_on_bad=a.fail_on_bad, overrides=a.overrides, progress=not a.quiet)
+                  fail_on_bad=a.fail_on_bad, spacing=a.spacing, overrides=a.overrides, progress=not a.quiet)
     if res.already:
         print(f"{res.out} already holds this prepare ({res.num_items} items); nothing to do")
     else:

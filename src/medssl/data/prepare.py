@@ -252,6 +252,10 @@ def prepare(
     request = _request(data)
     mode = _check_out(out, request)
     ds = open_source(data)
+    if ds.spatial_dims == 3 and getattr(data, "volume_mode", "resize") == "patches":
+        raise DataError(f"prepare {spec}: shards hold fixed-size items; for 3D data add --set data.volume_mode=resize "
+                        "(volumes resized to --image-size). data.volume_mode: patches (random crops of native-size "
+                        "volumes) reads the source files, with the item cache")
     if mode == "done":
         manifest = json.loads((out / MANIFEST).read_text())
         bad = [(b["source"], b["reason"]) for b in manifest.get("bad", [])]
