@@ -63,4 +63,13 @@ def test_smaller_units_warn_and_the_mask_vanishes_at_depth(caplog):
 
 def test_too_small_image_for_stride_units_names_the_keys_and_the_cifar_stem():
     with pytest.raises(ConfigError, match=r"mask_patch_size 32.*model\.stem=cifar"):
-        _method(2, 32)
+        _method(2, 32, mask_patch_size=32)  # set explicitly: refused
+
+
+@pytest.mark.parametrize("sd,size,unit", [(2, 32, 16), (3, 16, 8), (2, 48, 16)])
+def test_default_unit_falls_back_below_the_stride_on_small_images_with_a_warning(sd, size, unit, caplog):
+    # a 16^3 sub-volume under a stride-32 ResNet (contract 09-volumes): units of the stride would not fit
+    with caplog.at_level(logging.WARNING, logger="medssl"):
+        method = _method(sd, size)
+    assert method.patch == (unit,) * sd and method.hparams.mask_patch_size == unit
+    assert f"using {unit} px units instead" in caplog.text and "model.stem=cifar" in caplog.text

@@ -166,6 +166,25 @@ def _stage_channels(backbone: nn.Module) -> list[int]:
     return chans
 
 
+def _default_unit(stride: int, size: int, spatial_dims: int, model: ModelConfig) -> int:
+    """The default mask unit: the encoder's total stride (SparK), or — where images are too small for that (fewer
+    than 4 units, or not a multiple of it: a 16^3 sub-volume under a stride-32 ResNet) — the largest power-of-two
+    unit below it that still cuts the image into at least 4 units, with a warning (the deep stages then see a
+    diluted mask; the constructor reports the per-stage fractions)."""
+    if size % stride == 0 and (size // stride) ** spatial_dims >= 4:
+        return stride
+    unit = stride
+    while unit > 1 and not (size % unit == 0 and (size // unit) ** spatial_dims >= 4):
+        unit //= 2
+    if unit <= 1:
+        return stride  # nothing fits: the constructor refuses with the keys named
+    log.warning("cnnmim: %d px images hold fewer than 4 mask units of the encoder's total stride %d "
+                "(model.backbone %s, model.stem %s); using %d px units instead. For small images prefer "
+                "model.stem=cifar (total stride 8) so that every stage sees the input's masked fraction.",
+                size, stride, model.backbone, model.stem, unit)
+    return unit
+
+
 @register
 class CNNMIM(BackboneMethod[CNNMIMConfig]):
     """Masked image modelling for CNNs (sparse ResNet encoder + U-Net decoder), 2D and 3D."""
@@ -189,9 +208,9 @@ class CNNMIM(BackboneMethod[CNNMIMConfig]):
                                  stem=cfg.model.stem, spatial_dims=data.spatial_dims)
         except ConfigError:
             return  # the constructor reports it
-        stride = output_stride(net)
+        stride = int(output_stride(net) or 0)
         if stride:
-            cfg.method["mask_patch_size"] = int(stride)
+            cfg.method["mask_patch_size"] = _default_unit(stride, data.image_size, data.spatial_dims, cfg.model)
 
     def __init__(self, hparams: CNNMIMConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
         """Build the sparse ResNet, the decoder and the mask tokens.
