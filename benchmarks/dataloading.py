@@ -1,6 +1,7 @@
 """Read + augment throughput of medssl's data path: PNG, DICOM (plain and JPEG 2000), NIfTI volumes.
 
     python benchmarks/dataloading.py [--n 64] [--size 512] [--volume 128x128x64] [--workers 0 1 2] [--json]
+        [--prepare-workers 2] [--no-shards]
 
 For each format it writes ``--n`` distinct files (content differs, so the content-hash cache cannot merge
 them) built from a real pydicom test image, then times one pass over a ``csv:`` manifest through the
@@ -10,7 +11,13 @@ DataLoader plus the batched view augmentation the methods run (``ViewSampler``),
 * ``fill``: first pass with the cache on (decode + write the cache entry);
 * ``cached``: second pass, items read back memory-mapped.
 
-Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run.
+and from shards (``medssl prepare`` once, then ``--data shards:DIR``, read through LitData): ``shards``. The
+``prepare`` throughput (items written per second, ``--prepare-workers`` processes) is measured once per format.
+
+Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run. "Reading alone"
+interleaves ``ds[i]`` over every item from the raw files, the warm cache and the shards (best of ``--pure-reps``
+rounds): the read path without loader or augmentation, the comparison least disturbed by a loaded machine. The peak
+resident memory of each pass (this process plus its loader workers, sampled every 10 ms) is reported too.
 "read only" counts only the time the loop waited for the DataLoader (with workers: the reading they could not
 hide behind the augmentation), so "cached ÷ no cache (read)" is what the cache saves the training loop.
 
@@ -126,6 +133,8 @@ def one_pass(spec: str, image_size: int, workers: int, cache_dir: Path | None, b
     dcfg = DataConfig(spec=spec, image_size=image_size, cache=cache_dir is not None, volume_mode="resize",
                       cache_dir=str(cache_dir) if cache_dir else None)
     ds = open_from_config(dcfg)
+    if hasattr(ds, "_engine"):  # shards: import LitData and open its reader before the clock (a one-off per process)
+        ds._engine()
     views = ViewSampler(ViewConfig(), image_size, ds.spatial_dims)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=False,
                                          persistent_workers=False, collate_fn=_collate)
@@ -142,6 +151,76 @@ def one_pass(spec: str, image_size: int, workers: int, cache_dir: Path | None, b
         views(images)
         n += images.shape[0]
     return time.perf_counter() - t0, wait, n
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and of its children (loader workers), MB (Linux ``/proc``; 0 elsewhere)."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 2**20
+
+
+def measured(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the peak resident memory (MB) of this process plus its loader workers while it ran, sampled
+    every 10 ms (the workers' shared pages are counted in each: an upper bound)."""
+    import threading
+
+    peak, stop = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb(os.getpid()))
+            stop.wait(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        res = fn(*args)
+    finally:
+        stop.set()
+        t.join()
+    return res, peak[0]
+
+
+def pure_read(spec: str, shards: Path, size: int, cache: Path, reps: int) -> dict[str, float]:
+    """Items/s of reading alone (``ds[i]`` over every item in the main process, no loader, no views) from the raw
+    files, the warm item cache and the shards; the three are interleaved and the best of ``reps`` rounds is kept,
+    so load on the machine hits all three alike."""
+    from medssl.config import DataConfig
+    from medssl.data.specs import open_from_config
+
+    kw: dict[str, Any] = {"image_size": size, "volume_mode": "resize"}  # the prepared (resized) items
+    sets = {"raw": open_from_config(DataConfig(spec=spec, cache=False, **kw)),
+            "cached": open_from_config(DataConfig(spec=spec, cache=True, cache_dir=str(cache), **kw)),
+            "shards": open_from_config(DataConfig(spec=f"shards:{shards}", **kw))}
+    for i in range(len(sets["cached"])):  # warm: entries written, digests indexed
+        sets["cached"][i]
+    sets["shards"]._engine()  # LitData imported, its reader open
+    best = dict.fromkeys(sets, float("inf"))
+    for _ in range(reps):
+        for name, ds in sets.items():
+            t0 = time.perf_counter()
+            for i in range(len(ds)):
+                ds[i]
+            best[name] = min(best[name], time.perf_counter() - t0)
+    n = len(sets["raw"])
+    return {f"pure_{k}_per_s": n / v for k, v in best.items()}
+
+
+def prepare_shards(spec: str, size: int, out: Path, workers: int) -> float:
+    """``medssl prepare`` of ``spec`` at ``size`` into ``out``: items written per second."""
+    from medssl.data.prepare import prepare
+
+    res = prepare(spec, out, image_size=size, workers=workers, progress=False)
+    return res.num_items / res.seconds
 
 
 def _collate(items: list[dict[str, Any]]) -> torch.Tensor:
@@ -248,17 +327,38 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         for name, (files, size) in sets.items():
             spec = f"csv:{write_manifest(files, tmp / (name.replace(' ', '_') + '.csv'))}"
+            shards = tmp / ("shards-" + name.replace(" ", "_"))
+            prep_rate = None if args.no_shards else prepare_shards(spec, size, shards, args.prepare_workers)
             for workers in args.workers:
                 cache = tmp / f"cache-{name}-{workers}".replace(" ", "_")
-                t_none, w_none, n = one_pass(spec, size, workers, None, args.batch_size)
+                (t_none, w_none, n), m_none = measured(one_pass, spec, size, workers, None, args.batch_size)
                 t_fill, _, _ = one_pass(spec, size, workers, cache, args.batch_size)
-                t_hit, w_hit, _ = one_pass(spec, size, workers, cache, args.batch_size)
+                (t_hit, w_hit, _), m_hit = measured(one_pass, spec, size, workers, cache, args.batch_size)
+                row = {"format": name, "workers": workers, "items": n, "output_size": size,
+                       "nocache_per_s": n / t_none, "fill_per_s": n / t_fill, "cached_per_s": n / t_hit,
+                       "speedup_cached": t_none / t_hit,
+                       "nocache_read_per_s": n / w_none, "cached_read_per_s": n / w_hit,
+                       "speedup_cached_read": w_none / w_hit, "nocache_peak_mb": m_none, "cached_peak_mb": m_hit}
+                if prep_rate is not None:
+                    # interleaved with the cached pass (best of --repeats each): the ratio is robust to load drift
+                    best_sh, best_hit = (float("inf"),) * 3 + (0.0,), (t_hit, w_hit)
+                    for _ in range(args.repeats):
+                        (t_h, w_h, _), _m = measured(one_pass, spec, size, workers, cache, args.batch_size)
+                        best_hit = (min(best_hit[0], t_h), min(best_hit[1], w_h))
+                        (t_s, w_s, _), m_s = measured(one_pass, f"shards:{shards}", size, workers, None,
+                                                      args.batch_size)
+                        best_sh = (min(best_sh[0], t_s), min(best_sh[1], w_s), 0.0, max(best_sh[3], m_s))
+                    t_sh, w_sh, _, m_sh = best_sh
+                    t_hit, w_hit = best_hit
+                    row.update({"cached_per_s": n / t_hit, "cached_read_per_s": n / w_hit,
+                                "speedup_cached": t_none / t_hit, "speedup_cached_read": w_none / w_hit,
+                                "prepare_per_s": prep_rate, "shards_per_s": n / t_sh, "shards_read_per_s": n / w_sh,
+                                "shards_peak_mb": m_sh, "shards_vs_nocache_read": w_none / w_sh,
+                                "shards_vs_cached_read": w_hit / w_sh})
+                if prep_rate is not None and workers == args.workers[0]:
+                    row.update(pure_read(spec, shards, size, tmp / "pure-cache", args.pure_reps))
                 shutil.rmtree(cache, ignore_errors=True)
-                rows.append({"format": name, "workers": workers, "items": n, "output_size": size,
-                             "nocache_per_s": n / t_none, "fill_per_s": n / t_fill, "cached_per_s": n / t_hit,
-                             "speedup_cached": t_none / t_hit,
-                             "nocache_read_per_s": n / w_none, "cached_read_per_s": n / w_hit,
-                             "speedup_cached_read": w_none / w_hit})
+                rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -273,6 +373,10 @@ def main() -> None:
     ap.add_argument("--volume-size", type=int, default=64, help="3D model input side")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prepare-workers", type=int, default=2, help="medssl prepare worker processes")
+    ap.add_argument("--no-shards", action="store_true", help="skip the shards columns")
+    ap.add_argument("--pure-reps", type=int, default=3, help="rounds of the interleaved reading-alone comparison")
+    ap.add_argument("--repeats", type=int, default=1, help="extra cached / shards passes, interleaved (best kept)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--volumes3d", type=int, default=0, help="3D patch path: number of volumes (0 = skip)")
     ap.add_argument("--only3d", action="store_true", help="run the 3D patch path only")
@@ -305,6 +409,26 @@ def main() -> None:
         print(f"| {r['format']} | {r['workers']} | {r['items']} | {r['nocache_per_s']:.1f} | {r['fill_per_s']:.1f} | "
               f"{r['cached_per_s']:.1f} | {r['speedup_cached']:.1f}× | {r['nocache_read_per_s']:.1f} | "
               f"{r['cached_read_per_s']:.1f} | {r['speedup_cached_read']:.1f}× |")
+    if any("shards_per_s" in r for r in rows):
+        print()
+        print("| format | workers | prepare /s | raw read /s | cached read /s | shards read /s | shards ÷ raw (read) | "
+              "shards ÷ cached (read) | shards read+views /s | peak MB raw / cached / shards |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "shards_per_s" in r:
+                print(f"| {r['format']} | {r['workers']} | {r['prepare_per_s']:.1f} | {r['nocache_read_per_s']:.1f} | "
+                      f"{r['cached_read_per_s']:.1f} | {r['shards_read_per_s']:.1f} | "
+                      f"{r['shards_vs_nocache_read']:.1f}× | {r['shards_vs_cached_read']:.1f}× | "
+                      f"{r['shards_per_s']:.1f} | {r['nocache_peak_mb']:.0f} / {r['cached_peak_mb']:.0f} / "
+                      f"{r['shards_peak_mb']:.0f} |")
+        print()
+        print("| format | reading alone, raw /s | item cache /s | shards /s | shards ÷ raw | shards ÷ cache |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if "pure_shards_per_s" in r:
+                print(f"| {r['format']} | {r['pure_raw_per_s']:.1f} | {r['pure_cached_per_s']:.1f} | "
+                      f"{r['pure_shards_per_s']:.1f} | {r['pure_shards_per_s'] / r['pure_raw_per_s']:.1f}× | "
+                      f"{r['pure_shards_per_s'] / r['pure_cached_per_s']:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,11 @@ def test_dataloading_json_fields():
         # waiting for the loader is part of the pass: reading alone is at least as fast as the whole pass
         assert r["nocache_read_per_s"] >= r["nocache_per_s"] and r["cached_read_per_s"] >= r["cached_per_s"]
         assert r["speedup_cached_read"] == pytest.approx(r["cached_read_per_s"] / r["nocache_read_per_s"], rel=1e-9)
+        # shards: prepared once, then read like the others
+        assert r["prepare_per_s"] > 0 and r["shards_read_per_s"] >= r["shards_per_s"] > 0
+        assert r["shards_vs_nocache_read"] == pytest.approx(r["shards_read_per_s"] / r["nocache_read_per_s"], rel=1e-9)
+        assert r["nocache_peak_mb"] > 0 and r["shards_peak_mb"] > 0
+        assert r["pure_raw_per_s"] > 0 and r["pure_cached_per_s"] > 0 and r["pure_shards_per_s"] > 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medssl.config import PRECISIONS, PretrainConfig, build_config, load_yaml, parse_set
+from medssl.config import ACCELERATORS, PRECISIONS, PretrainConfig, build_config, load_yaml, parse_set
 from medssl.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ PRETRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("lr", "optim.lr", "peak learning rate (default: the method's)", float),
     Flag("seed", "train.seed", "seed of data order, augmentations and initialisation", int),
     Flag("devices", "train.devices", "devices (GPUs, or CPU processes); >1 uses DDP", positive_int),
+    Flag("num_nodes", "train.num_nodes", "nodes of a multi-node DDP run (torchrun / SLURM start one process per "
+         "device)", positive_int),
+    Flag("accelerator", "train.accelerator", "auto (default), cpu, cuda, gpu or mps", choices=ACCELERATORS),
     Flag("precision", "train.precision", "numeric precision (bf16-mixed: bf16 autocast on GPU)",
          choices=PRECISIONS),
     Flag("splits", "data.splits", "split manifest (splits.csv of an earlier run) to reuse", metavar="FILE"),
@@ -227,6 +230,52 @@ def pretrain(
     from medssl.engine.trainer import pretrain as _pretrain
 
     return _pretrain(cfg, out, resume=resume, force=force, progress=progress)
+
+
+def prepare(
+    data: str,
+    out: str | Path,
+    *,
+    image_size: int | None = None,
+    task: str | None = None,
+    workers: int = 1,
+    chunk_mb: float | None = None,
+    fail_on_bad: bool = False,
+    spacing: Any = None,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> Any:
+    """Read ``data`` once and write its preprocessed items as shards in ``out`` (``medssl prepare``).
+
+    ``spacing`` is ``data.spacing`` (3D: ``[z, y, x]`` mm, one number or ``"native"``); ``overrides`` are
+    ``data.KEY=VALUE`` strings (``data.intensity.mode=window`` ...), validated by :class:`~medssl.config.DataConfig`.
+    Returns a :class:`medssl.data.prepare.PrepareResult`.
+
+    Raises:
+        ConfigError: an override outside ``data.`` or an invalid value.
+        DataError: see :func:`medssl.data.prepare.prepare`.
+    """
+    from medssl.config import DataConfig, build_dataclass, deep_merge
+    from medssl.data.prepare import DEFAULT_CHUNK_MB
+    from medssl.data.prepare import prepare as _prepare
+
+    sets = parse_set(overrides)
+    other = sorted(k for k in sets if k != "data")
+    if other:
+        raise ConfigError(f"medssl prepare: --set takes data.* keys only, got '{other[0]}'")
+    explicit: dict[str, Any] = {"spec": data}
+    if image_size is not None:
+        explicit["image_size"] = image_size
+    if task is not None:
+        explicit["task"] = task
+    if spacing is not None:
+        explicit["spacing"] = spacing
+    cfg = build_dataclass(DataConfig, deep_merge(explicit, sets.get("data") or {}), "data")
+    if cfg.splits:
+        raise ConfigError("medssl prepare: data.splits is applied when the shards are read (--splits FILE of "
+                          "pretrain / evaluate), not when they are written")
+    return _prepare(cfg, out, workers=workers, chunk_mb=DEFAULT_CHUNK_MB if chunk_mb is None else chunk_mb,
+                    fail_on_bad=fail_on_bad, progress=progress)
 
 
 def evaluate(

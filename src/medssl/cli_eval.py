@@ -1,9 +1,11 @@
-"""The ``compare``, ``report``, ``embed`` and ``export`` sub-commands of ``medssl`` (parsers and thin handlers over
-:mod:`medssl.compare`, :mod:`medssl.report`, :mod:`medssl.embed` and :mod:`medssl.export_formats`)."""
+"""The ``compare``, ``report``, ``embed``, ``export`` and ``prepare`` sub-commands of ``medssl`` (parsers and thin
+handlers over :mod:`medssl.compare`, :mod:`medssl.report`, :mod:`medssl.embed`, :mod:`medssl.export_formats` and
+:func:`medssl.api.prepare`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,48 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     exp.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit)")
     exp.add_argument("--out", required=True, help="output .safetensors file (never a file of the run itself)")
 
+    pre = sub.add_parser("prepare", help="read a dataset once, preprocess it and write compressed shards (read "
+                         "back with --data shards:DIR)")
+    pre.add_argument("--data", required=True, help=data_help)
+    pre.add_argument("--out", required=True, help="new folder for the shards (an interrupted prepare of the same "
+                     "input continues; anything else is refused)")
+    pre.add_argument("--image-size", type=positive_int, help="side length the items are resized to")
+    pre.add_argument("--task", help="label task where the dataset has several")
+    pre.add_argument("--spacing", type=_spacing, metavar="MM|Z,Y,X|native",
+                     help="3D: resample every volume to this voxel spacing in mm first (data.spacing)")
+    pre.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
+                     help="worker processes (default: min(4, CPUs))")
+    pre.add_argument("--chunk-mb", type=_chunk_mb, metavar="MB", help="target shard size in MB (default 64)")
+    pre.add_argument("--fail-on-bad", action="store_true", help="an unreadable file is an error (default: "
+                     "listed in DIR/bad.csv and skipped)")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                     help="any data setting, e.g. --set data.intensity.mode=window (repeatable)")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _spacing(text: str) -> Any:
+    if text.strip() == "native":
+        return "native"
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'native', MM or Z,Y,X in mm, got '{text}'") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected one spacing or three (Z,Y,X), got '{text}'")
+    return values[0] if len(values) == 1 else values
+
+
+def _chunk_mb(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got '{text}'") from None
+    if not math.isfinite(value) or not 0 < value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be in (0, 4096] MB, got '{text}'")
+    return value
+
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from medssl.compare import compare
@@ -107,6 +151,24 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from medssl.api import prepare
+
+    res = prepare(a.data, a.out, image_size=a.image_size, task=a.task, workers=a.workers, chunk_mb=a.chunk_mb,
+                  fail_on_bad=a.fail_on_bad, spacing=a.spacing, overrides=a.overrides, progress=not a.quiet)
+    if res.already:
+        print(f"{res.out} already holds this prepare ({res.num_items} items); nothing to do")
+    else:
+        rate = res.num_items / max(res.seconds, 1e-9)
+        how = "finished an interrupted prepare: " if res.resumed else ""
+        print(f"{how}{res.num_items} items written to {res.out} in {res.seconds:.1f} s ({rate:.0f} items/s); "
+              f"read them with --data shards:{res.out}")
+    if res.bad:
+        print(f"{len(res.bad)} unreadable file(s) skipped, listed in {res.out / 'bad.csv'} (first: {res.bad[0][0]}: "
+              f"{res.bad[0][1]})")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from medssl.export_formats import describe, export_weights
 
@@ -117,4 +179,5 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare, "report": cmd_report, "embed": cmd_embed, "export": cmd_export,
+    "prepare": cmd_prepare,
 }

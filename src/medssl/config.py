@@ -116,6 +116,8 @@ class DataConfig:
         foreground_p: ``patches``: probability that a crop is centred on a foreground voxel (the mask where the
             data has masks, else intensity above ``foreground_threshold``); the rest are uniform. 0 = uniform.
         foreground_threshold: the ``[0, 1]`` intensity above which a voxel counts as foreground.
+        shuffle_buffer: items in each rank's shuffle buffer when pretraining streams from ``shards:`` (larger mixes
+            more chunks at once; see ``medssl.data.shards.stream_order``).
     """
 
     spec: str = "phantom2d"
@@ -135,12 +137,14 @@ class DataConfig:
     samples_per_volume: int = 1
     foreground_p: float = 0.0
     foreground_threshold: float = 0.1
+    shuffle_buffer: int = 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise FieldError("spec", "must name a dataset (e.g. phantom2d, folder:DIR, csv:FILE.csv), got ''")
         check_range("image_size", self.image_size, ge=1, allow_none=True)
         check_range("num_workers", self.num_workers, ge=0)
+        check_range("shuffle_buffer", self.shuffle_buffer, ge=1)
         check_choice("split", self.split, SPLIT_CHOICES)
         self.spacing = _spacing(self.spacing)
         check_choice("volume_mode", self.volume_mode, VOLUME_MODES)

@@ -26,7 +26,7 @@ def _data_help(command: str) -> str:
 
 def test_every_builtin_spec_is_in_the_help_and_the_error_list():
     assert list(SPECS) == ["phantom2d", "phantom3d", "npz", "folder", "csv", "volumes", "isic2017", "cbis-ddsm",
-                           "medmnist"]
+                           "medmnist", "shards"]
     help_text = spec_help()
     for entry in SPECS.values():
         assert f"'{entry.syntax}' ({entry.help})" in help_text

@@ -9,9 +9,12 @@ holds a dataset in RAM and works for datasets larger than memory. An entry's key
 
 Change a file's bytes or any preprocessing setting and the key changes: the stale entry is simply never
 read again (``medssl`` does not delete it; remove the cache folder to reclaim the space). Hashing a file
-costs one sequential read, far cheaper than decoding it; the hash is memoised per process under
-``(path, size, mtime)`` so a warm epoch does not re-read the sources at all (a file rewritten with the
-same size and the same modification time in nanoseconds would not be noticed).
+costs one sequential read, far cheaper than decoding it; the hash is remembered under ``(path, size, mtime)``
+in memory and in a persistent index (``ROOT/digests.sqlite``), so neither a warm epoch nor a new process
+(the next run, a DataLoader worker, another DDP rank) re-reads the sources at all: a warm cache costs one
+``stat`` per source file. A file rewritten with the same size and the same modification time in nanoseconds
+would not be noticed. The index is an optimisation only: if it cannot be opened or written (read-only folder,
+a damaged file) medssl warns once and hashes the files as before.
 
 Concurrency: writers (DataLoader workers, DDP ranks, two jobs on one machine) write to a private
 temporary file and ``os.replace`` it into place, an atomic rename on POSIX and Windows. Two processes that
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,8 @@ import numpy as np
 from medssl.errors import DataError
 
 CACHE_FORMAT = 1
-__all__ = ["ItemCache", "default_cache_dir", "file_digest"]
+__all__ = ["DigestIndex", "ItemCache", "default_cache_dir", "file_digest"]
+log = logging.getLogger("medssl")
 
 
 def default_cache_dir() -> Path:
@@ -49,28 +55,91 @@ def default_cache_dir() -> Path:
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def file_digest(path: str | Path) -> str:
+class DigestIndex:
+    """A persistent ``(path, size, mtime_ns) -> SHA-256`` table (SQLite; one connection per process).
+
+    Every method degrades to "not found" / "not stored" on an SQLite error, after one warning: the index saves
+    reads, it never stops a run.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self.disabled = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_conn": None, "_pid": -1}
+
+    def _disable(self, exc: Exception) -> None:
+        if not self.disabled:
+            log.warning("data cache: digest index %s unusable (%s); hashing source files instead", self.path, exc)
+        self.disabled = True
+        self._conn = None
+
+    def _db(self) -> sqlite3.Connection | None:
+        if self.disabled:
+            return None
+        if self._conn is None or self._pid != os.getpid():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                conn.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                             "mtime_ns INTEGER NOT NULL, digest TEXT NOT NULL)")
+            except (sqlite3.Error, OSError) as e:
+                self._disable(e)
+                return None
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def get(self, key: tuple[str, int, int]) -> str | None:
+        db = self._db()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT digest FROM digests WHERE path = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+        except sqlite3.Error as e:
+            self._disable(e)
+            return None
+        return None if row is None else str(row[0])
+
+    def put(self, key: tuple[str, int, int], digest: str) -> None:
+        db = self._db()
+        if db is None:
+            return
+        try:
+            db.execute("INSERT OR REPLACE INTO digests (path, size, mtime_ns, digest) VALUES (?, ?, ?, ?)",
+                       (*key, digest))
+        except sqlite3.Error as e:
+            self._disable(e)
+
+
+def file_digest(path: str | Path, index: DigestIndex | None = None) -> str:
     """SHA-256 of a file's bytes (of every file, sorted by name, for a DICOM series folder).
 
-    Memoised per process under ``(path, size, mtime_ns)``.
+    Remembered under ``(path, size, mtime_ns)`` in this process and, with ``index``, across processes.
     """
     p = Path(path)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(x for x in p.iterdir() if x.is_file()):
             h.update(f.name.encode())
-            h.update(file_digest(f).encode())
+            h.update(file_digest(f, index).encode())
         return h.hexdigest()
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     got = _DIGESTS.get(key)
+    if got is None and index is not None:
+        got = index.get(key)
     if got is None:
         h = hashlib.sha256()
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         got = h.hexdigest()
-        _DIGESTS[key] = got
+        if index is not None:
+            index.put(key, got)
+    _DIGESTS[key] = got
     return got
 
 
@@ -92,12 +161,13 @@ class ItemCache:
         self.preprocessing_key = hashlib.sha256(text.encode()).hexdigest()
         self.hits = 0
         self.misses = 0
+        self.index = DigestIndex(self.root / "digests.sqlite")
 
     def key(self, files: list[str]) -> str:
         """The entry key of an item read from ``files``."""
         h = hashlib.sha256(self.preprocessing_key.encode())
         for f in files:
-            h.update(file_digest(f).encode())
+            h.update(file_digest(f, self.index).encode())
         return h.hexdigest()
 
     def _paths(self, key: str) -> tuple[Path, Path]:

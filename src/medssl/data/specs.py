@@ -236,6 +236,19 @@ def _open_medmnist(
     return open_medmnist(spec, arg, image_size, task)
 
 
+@register_spec("shards", syntax="shards:DIR_OR_URL", help=(
+    "items written by `medssl prepare` (LitData shards, preprocessed once); a local or shared folder, or an "
+    "s3:// / gs:// URL read through LitData; streamed with a shuffle buffer in pretraining"))
+def _open_shards(
+    spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+) -> ImageDataset:
+    from .shards import ShardsDataset
+
+    if not arg or not arg.strip():
+        raise DataError(f"bad data spec {spec!r}: DIR_OR_URL is missing (valid: {valid_specs()})")
+    return ShardsDataset(arg.strip(), image_size=image_size, task=task, name=spec)
+
+
 def open_dataset(
     spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None,
     follow_symlinks: bool = False, volume: VolumeOptions | None = None,

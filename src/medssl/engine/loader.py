@@ -17,7 +17,7 @@ import torch
 
 from medssl.config import PretrainConfig
 from medssl.engine.rundir import RunDir
-from medssl.engine.sampler import ResumableBatchSampler
+from medssl.engine.sampler import ResumableBatchSampler, StreamingBatchSampler
 from medssl.errors import ConfigError
 from medssl.methods import DataInfo, ViewSpec
 
@@ -59,7 +59,7 @@ def open_data(cfg: PretrainConfig, run: RunDir, is_global_zero: bool) -> Any:
     from medssl.data.specs import open_from_config
 
     dataset = open_from_config(cfg.data)
-    if cfg.data.skip_bad:
+    if cfg.data.skip_bad and not hasattr(dataset, "chunk_starts"):  # shards hold readable items only
         from medssl.data.manifest import drop_bad
 
         dataset = drop_bad(dataset)
@@ -101,7 +101,7 @@ class TrainData:
 
     Attributes:
         indices: the dataset items pretraining reads (:func:`pretrain_indices`).
-        sampler: this rank's resumable batch sampler.
+        sampler: this rank's resumable batch sampler (streaming over the chunks for ``shards:``).
         loader: the DataLoader over the sampler.
         info: what the method needs to know about the data.
         steps_per_epoch: global batches per epoch.
@@ -116,6 +116,13 @@ class TrainData:
     steps_per_epoch: int
     total_steps: int
     global_batch: int
+
+    def loader_state(self, step: int) -> dict[str, int | str]:
+        """The loader's position after ``step`` optimiser steps (stored in the checkpoint as ``loader``)."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        state = self.sampler.state_dict(batch)
+        state["epoch"] = epoch
+        return state
 
 
 def build_loader(cfg: PretrainConfig, dataset: Any, view_spec: ViewSpec, fabric: Any) -> TrainData:
@@ -134,8 +141,14 @@ def build_loader(cfg: PretrainConfig, dataset: Any, view_spec: ViewSpec, fabric:
         unit = f"volumes ({t.batch_size} crops / {spv} per volume)" if spv else "images"
         raise ConfigError(f"data {cfg.data.spec}: {len(indices)} training images, fewer than one batch of "
                           f"{global_batch} {unit}; lower --batch-size")
-    sampler = ResumableBatchSampler(indices, per_step, seed=t.seed, rank=fabric.global_rank,
-                                    world_size=fabric.world_size, drop_last=t.drop_last)
+    sampler: ResumableBatchSampler
+    if hasattr(dataset, "chunk_starts"):  # shards: stream the chunks (disjoint per rank, shuffle buffer)
+        sampler = StreamingBatchSampler(dataset.chunk_starts, indices, per_step, seed=t.seed,
+                                        rank=fabric.global_rank, world_size=fabric.world_size, drop_last=t.drop_last,
+                                        buffer=cfg.data.shuffle_buffer, fingerprint=dataset.fingerprint)
+    else:
+        sampler = ResumableBatchSampler(indices, per_step, seed=t.seed, rank=fabric.global_rank,
+                                        world_size=fabric.world_size, drop_last=t.drop_last)
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     if total_steps <= 0:
@@ -156,7 +169,7 @@ def build_loader(cfg: PretrainConfig, dataset: Any, view_spec: ViewSpec, fabric:
         loader_data = HighResDataset(dataset, view_spec.highres_factors)
     loader = torch.utils.data.DataLoader(
         loader_data, batch_sampler=batches, num_workers=cfg.data.num_workers, collate_fn=collate,
-        pin_memory=fabric.device.type == "cuda", persistent_workers=False,
+        pin_memory=fabric.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
         generator=torch.Generator(),  # keeps the global RNG untouched by iterator creation (resume equality)
     )
     info = DataInfo(in_chans=dataset.in_chans, spatial_dims=dataset.spatial_dims,

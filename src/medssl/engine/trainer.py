@@ -29,6 +29,7 @@ from medssl.engine.logging import MetricsCSV, Progress
 from medssl.engine.metrics import MetricsWindow
 from medssl.engine.optim import Optimizers, build_optimizers
 from medssl.engine.rundir import RunDir
+from medssl.engine.sampler import check_loader_resume
 from medssl.engine.state import TrainState, load_start
 from medssl.errors import ConfigError
 from medssl.methods import DataInfo, Method, get_method
@@ -205,7 +206,9 @@ class Trainer:
         """Gather every rank's RNG state; global rank 0 writes ``last.ckpt`` atomically (and rotates)."""
         rngs = dist_utils.all_gather_object(rng_state())
         if self.fabric.is_global_zero:
-            save_and_rotate(self.state.state_dict(rngs), self.run.last, step=self.state.step,
+            ckpt = self.state.state_dict(rngs)
+            ckpt["loader"] = self.data.loader_state(self.state.step)
+            save_and_rotate(ckpt, self.run.last, step=self.state.step,
                             keep_last_k=self.cfg.checkpoint.keep_last_k)
         self.fabric.barrier()
 
@@ -250,6 +253,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         state = TrainState(method, optim, cfg, data.steps_per_epoch)
         if start is not None:
             state.load(start, rank=fabric.global_rank, source=run.last)
+            check_loader_resume(start.get("loader"), data.loader_state(state.step), run.last)
         if fabric.is_global_zero:
             run.write_start(cfg, dataset, data.indices)
         fabric.barrier()
