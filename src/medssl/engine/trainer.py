@@ -30,6 +30,7 @@ from medssl.engine.metrics import MetricsWindow
 from medssl.engine.optim import Optimizers, build_optimizers
 from medssl.engine.rundir import RunDir
 from medssl.engine.state import TrainState, load_start
+from medssl.engine.tracking import Trackers, check_backends
 from medssl.errors import ConfigError
 from medssl.methods import DataInfo, Method, get_method
 from medssl.methods import build_method as build_registered_method
@@ -149,10 +150,15 @@ class Trainer:
         self.fabric, self.cfg, self.run, self.data = fabric, cfg, run, data
         self.model, self.optim, self.state, self.method = model, optim, state, state.method
         csv = MetricsCSV(run.metrics, resume_step=state.step if resumed else None) if fabric.is_global_zero else None
+        self.trackers = (Trackers(cfg.log.backends, run.root, project=cfg.log.project,
+                                  resume_step=state.step if resumed else None) if fabric.is_global_zero else None)
+        if self.trackers and not resumed:
+            self.trackers.log_hyperparams(cfg.to_dict())
         bar = Progress(data.total_steps, start_step=state.step, enabled=progress and fabric.is_global_zero)
         self.window = MetricsWindow(fabric, csv, bar, global_batch=data.global_batch, total_steps=data.total_steps,
                                     log_every=cfg.train.log_every_n_steps,
-                                    collapse_every=cfg.train.collapse_every_n_steps, start_step=state.step)
+                                    collapse_every=cfg.train.collapse_every_n_steps, start_step=state.step,
+                                    trackers=self.trackers)
         self.guard = StepGuard(fabric, cfg.checkpoint.on_sigterm, run.last)
 
     def fit(self) -> None:
@@ -194,7 +200,9 @@ class Trainer:
         self.window.add(out, step)
         vis = t.visualize_every_n_steps
         if self.fabric.is_global_zero and vis and (step % vis == 0 or step == self.data.total_steps):
-            _write_visuals(self.method, batch, step, self.run.root, t.seed)
+            figure = _write_visuals(self.method, batch, step, self.run.root, t.seed)
+            if figure is not None and self.trackers:
+                self.trackers.log_image_file("reconstructions", figure, step)
         self.window.maybe_log(step, epoch, self.optim.lrs())
         every = self.cfg.checkpoint.every_n_steps
         if (every and step % every == 0) or step % self.data.steps_per_epoch == 0:
@@ -232,6 +240,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         The run directory.
     """
     _quiet_lightning()
+    check_backends(cfg.log.backends)
     run = RunDir(out_dir)
     run.check(cfg.data.spec, resume=resume)
     fabric = make_fabric(cfg.train)
