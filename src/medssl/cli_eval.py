@@ -61,14 +61,19 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     emb.add_argument("--plot", action="store_true", help="also draw a 2D projection (PCA; UMAP if installed)")
     emb.add_argument("--out", required=True, help="output directory")
 
-    exp = sub.add_parser("export", help="write a run's backbone in timm / torchvision / MONAI key layout")
+    exp = sub.add_parser("export", help="write a run's backbone in timm / torchvision / MONAI key layout, as ONNX or "
+                         "as a Hugging Face Hub folder")
     esrc = exp.add_mutually_exclusive_group(required=True)
     esrc.add_argument("--run", help="run directory")
     esrc.add_argument("--checkpoint", help="an exported medssl encoder .safetensors")
-    exp.add_argument("--format", required=True, choices=FORMATS,
-                     help="key layout of the written file")
+    exp.add_argument("--format", required=True, choices=(*FORMATS, *EXTRA_FORMATS),
+                     help="key layout of the written .safetensors file; onnx: an ONNX model (dynamic batch); hf-hub: a "
+                          "folder timm loads (config.json, model.safetensors, README.md model card)")
     exp.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit)")
-    exp.add_argument("--out", required=True, help="output .safetensors file (never a file of the run itself)")
+    exp.add_argument("--out", required=True, help="output .safetensors / .onnx file, or the hf-hub folder (never a "
+                                                  "file of the run itself)")
+    exp.add_argument("--push", metavar="ORG/NAME", help="hf-hub: upload the folder to this Hub model repository")
+    exp.add_argument("--license", default="other", help="hf-hub: the model card's license (default other)")
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -106,7 +111,26 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+EXTRA_FORMATS = ("onnx", "hf-hub")
+"""``medssl export`` formats beyond the safetensors key layouts of :data:`medssl.export_formats.FORMATS`."""
+
+
 def cmd_export(a: argparse.Namespace) -> int:
+    from medssl.errors import ConfigError
+
+    if a.format != "hf-hub" and (a.push is not None or a.license != "other"):
+        raise ConfigError(f"--push and --license apply to --format hf-hub, not {a.format}")
+    if a.format == "onnx":
+        from medssl.export_onnx import describe_onnx, export_onnx
+
+        print(describe_onnx(export_onnx(a.out, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder)))
+        return 0
+    if a.format == "hf-hub":
+        from medssl.export_hub import describe_hub, export_hf_hub
+
+        print(describe_hub(export_hf_hub(a.out, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder,
+                                         license=a.license, push=a.push)))
+        return 0
     from medssl.export_formats import describe, export_weights
 
     res = export_weights(a.out, a.format, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder)
