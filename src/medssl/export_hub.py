@@ -114,6 +114,19 @@ def hub_config(model: Any, meta: dict[str, str], license: str) -> dict[str, Any]
     return cfg
 
 
+def _method_name(run_dir: Path | None) -> str:
+    """The run's method (``method.name`` of its config.yaml), or ``self-supervised`` when unknown."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return "self-supervised"
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        return str((cfg.get("method") or {}).get("name") or "self-supervised")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "self-supervised"
+
+
 def _yaml_block(text: str) -> str:
     return "```yaml\n" + text.rstrip("\n") + "\n```"
 
@@ -189,7 +202,7 @@ def model_card(cfg: dict[str, Any], meta: dict[str, str], run_dir: Path | None, 
                      "of the timm model. Apply it as `lin = torch.nn.Linear(d, d)` loaded from "
                      "`whitening.safetensors`: `features = lin(model(x))`.\n")
     lines = front + [
-        "", f"# {arch} pretrained with medssl ({meta.get('method', 'self-supervised')})", "",
+        "", f"# {arch} pretrained with medssl ({_method_name(run_dir)})", "",
         f"A {arch} image encoder ({chans} input channel{'s' if chans != 1 else ''}, {size} px) pretrained "
         "self-supervised with [medssl](https://pypi.org/project/medssl/); it returns pooled features "
         f"({cfg.get('num_features')} wide), no classifier.", "",
