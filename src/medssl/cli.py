@@ -113,6 +113,7 @@ def _add_evaluate(sub: Any, data_help: str) -> None:
     ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
     ev.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of a run or evaluation) to reuse")
+    ev.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +174,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, protocol=a.protocol,
         label_fractions=a.label_fractions, seeds=a.seeds, task=a.task, encoder=a.encoder, backbone=a.backbone,
         image_size=a.image_size, batch_size=a.batch_size, device=a.device, splits_file=a.splits, epochs=a.epochs,
+        progress=not a.quiet,
     )
     print(res["table"])
     print(f"results written to {Path(a.out) / 'results.json'} and results.md")

@@ -60,6 +60,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     emb.add_argument("--device", help=DEVICE_HELP)
     emb.add_argument("--plot", action="store_true", help="also draw a 2D projection (PCA; UMAP if installed)")
     emb.add_argument("--out", required=True, help="output directory")
+    emb.add_argument("--quiet", action="store_true", help="no progress output")
 
     exp = sub.add_parser("export", help="write a run's backbone in timm / torchvision / MONAI key layout, as ONNX or "
                          "as a Hugging Face Hub folder")
@@ -103,7 +104,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
 
     res = embed(a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, encoder=a.encoder,
                 backbone=a.backbone, image_size=a.image_size, task=a.task, split=a.split, batch_size=a.batch_size,
-                device=a.device, plot=a.plot)
+                device=a.device, plot=a.plot, progress=not a.quiet)
     n, d = res["shape"]
     print(f"{res['encoder']}: {n} x {d} features written to {res['features']}, index to {res['index']}")
     if res["plot"] is not None:

@@ -198,8 +198,8 @@ def model_card(cfg: dict[str, Any], meta: dict[str, str], run_dir: Path | None, 
         training = _yaml_block((run_dir / "config.yaml").read_text(encoding="utf-8"))
     whitening = ""
     if meta.get("whitening"):
-        whitening = ("\nThe encoder was trained with a whitening layer on the pooled features (Med-MoCo); it is not part "
-                     "of the timm model. Apply it as `lin = torch.nn.Linear(d, d)` loaded from "
+        whitening = ("\nThe encoder was trained with a whitening layer on the pooled features (Med-MoCo); it is not "
+                     "part of the timm model. Apply it as `lin = torch.nn.Linear(d, d)` loaded from "
                      "`whitening.safetensors`: `features = lin(model(x))`.\n")
     lines = front + [
         "", f"# {arch} pretrained with medssl ({_method_name(run_dir)})", "",
