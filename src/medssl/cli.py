@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medssl.cli_eval import add_parsers
 
     add_parsers(sub, _floats, _ints, _positive_int, data_help)
+    from medssl.completion import SHELLS
+
+    comp = sub.add_parser("completion", help="print a shell completion script (source <(medssl completion bash))")
+    comp.add_argument("shell", choices=SHELLS, help="the shell: bash or zsh")
     return p
 
 
@@ -187,6 +191,13 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     report = inspect_data(a.data, task=a.task, image_size=a.image_size)
     print(format_report(report))
     return 1 if report.bad else 0
+
+
+def _cmd_completion(a: argparse.Namespace) -> int:
+    from medssl.completion import completion_script
+
+    sys.stdout.write(completion_script(a.shell, build_parser()))
+    return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -242,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(quiet=bool(getattr(args, "quiet", False)))
     handlers = {"methods": lambda: _cmd_methods(), "pretrain": lambda: _cmd_pretrain(args),
                 "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args),
-                "inspect": lambda: _cmd_inspect(args)}
+                "inspect": lambda: _cmd_inspect(args), "completion": lambda: _cmd_completion(args)}
     from medssl.cli_eval import HANDLERS
 
     handlers.update({name: (lambda fn=fn: fn(args)) for name, fn in HANDLERS.items()})

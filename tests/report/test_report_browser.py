@@ -123,6 +123,8 @@ def test_report_in_headless_chromium(report, browser):
     assert errors == []
 
     shot = _artefact_dir() / "report_chromium.png"
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, min(int(height) + 200, 12000))  # the whole page in one picture
     assert browser.save_screenshot(str(shot))
     from PIL import Image
 
