@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--data", required=True, help=data_help)
     ins.add_argument("--task", help="label task where the dataset has several")
     ins.add_argument("--image-size", type=_positive_int)
+    ins.add_argument("--quiet", action="store_true", help="no progress output")
 
     sub.add_parser("methods", help="list the registered methods")
 
@@ -187,8 +188,19 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from medssl.data.inspect import format_report, inspect_data
+    from medssl.engine.logging import TaskProgress
 
-    report = inspect_data(a.data, task=a.task, image_size=a.image_size)
+    bars: list[TaskProgress] = []
+
+    def progress(total: int) -> Any:
+        bars.append(TaskProgress("inspect", total, enabled=not a.quiet, unit="items"))
+        return bars[-1].advance
+
+    try:
+        report = inspect_data(a.data, task=a.task, image_size=a.image_size, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(format_report(report))
     return 1 if report.bad else 0
 

@@ -204,7 +204,7 @@ def model_card(cfg: dict[str, Any], meta: dict[str, str], run_dir: Path | None, 
     lines = front + [
         "", f"# {arch} pretrained with medssl ({_method_name(run_dir)})", "",
         f"A {arch} image encoder ({chans} input channel{'s' if chans != 1 else ''}, {size} px) pretrained "
-        "self-supervised with [medssl](https://pypi.org/project/medssl/); it returns pooled features "
+        "self-supervised with medssl; it returns pooled features "
         f"({cfg.get('num_features')} wide), no classifier.", "",
         "## How to load", "", "```python", "import timm, torch, safetensors.torch", *load,
         "model.eval()", f"x = torch.rand(2, {chans}, {size}, {size})   # images in [0, 1]",

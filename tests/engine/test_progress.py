@@ -113,3 +113,15 @@ def test_collapse_protocol_shows_feature_progress(tmp_path, capsys, every_update
     code = main(["evaluate", "--init", "random", *DATA, "--protocol", "collapse", "--out", str(tmp_path / "c")])
     assert code == 0
     assert re.search(r"^features random(-init)?: 48/48 images \(100%\)", capsys.readouterr().err, re.M)
+
+
+def test_inspect_and_skip_bad_show_progress(tmp_path, capsys, every_update):
+    assert main(["inspect", "--data", "phantom2d:8"]) == 0
+    err = capsys.readouterr().err
+    assert re.findall(r"^inspect: (\d+)/8 items", err, re.M) == [str(i) for i in range(1, 9)]
+    assert main(["inspect", "--data", "phantom2d:8", "--quiet"]) == 0
+    assert "items (" not in capsys.readouterr().err
+    code = main(["pretrain", "--method", "mocov2", "--data", "phantom2d:16", "--image-size", "32", "--batch-size", "8",
+                 "--max-steps", "1", "--skip-bad", "--out", str(tmp_path / "run"), "--set", "log.backends=[csv]"])
+    assert code == 0
+    assert re.search(r"^check data \(--skip-bad\): 16/16 items \(100%\)", capsys.readouterr().err, re.M)

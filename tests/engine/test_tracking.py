@@ -123,3 +123,23 @@ def test_bad_backend_from_the_command_line(tmp_path, capsys):
                  str(tmp_path / "r"), "--quiet", "--set", "log.backends=[csv,neptune]"])
     assert code == 2
     assert "log.backends[1] must be one of" in capsys.readouterr().err
+
+
+def test_resume_purges_events_after_the_resumed_step(tmp_path):
+    """A run that died after its step-2 checkpoint had logged steps 3 and 4: resuming from step 2 replaces them
+    (TensorBoard's purge_step), as metrics.csv is truncated -- no step appears twice."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = dict(image_size=32, batch_size=8, progress=False)
+    sets = ["train.log_every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last_k=2",
+            "train.collapse_every_n_steps=0"]
+    pretrain("mocov2", "phantom2d:32", out, max_steps=4, overrides=sets, **args)
+    shutil.copyfile(out / "checkpoints" / "step_0000002.ckpt", out / "checkpoints" / "last.ckpt")  # "died" after 2
+    pretrain(out=out, resume=True, **args)
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    got = [(e.step, e.value) for e in _events(out).Scalars("loss")]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in got], [float(r["loss"]) for r in rows], rtol=1e-5)

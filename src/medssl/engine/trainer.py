@@ -249,7 +249,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         start = load_start(run, cfg, resume=resume, force=force)
         # Each rank gets its own augmentation stream; data order comes from the sampler's own seed.
         fabric.seed_everything(cfg.train.seed + fabric.global_rank, verbose=False)
-        dataset = open_data(cfg, run, fabric.is_global_zero)
+        dataset = open_data(cfg, run, fabric.is_global_zero, progress=progress)
         method_cls = get_method(cfg.method_name)
         resolve_defaults(cfg, dataset, method_cls)
         data = build_loader(cfg, dataset, method_cls.view_spec_for(cfg.method), fabric)
