@@ -105,6 +105,7 @@ def test_cli_onnx_from_a_run(tmp_path, capsys):
     (["--out", "{t}/dir.onnx"], "is a directory"),
     (["--out", "{t}/encoder.safetensors/x.onnx"], "is a file, not a directory"),
     (["--out", "{t}/enc.onnx", "--push", "a/b"], "--push and --license apply to --format hf-hub"),
+    (["--out", "{t}/enc.onnx", "--license", "other"], "--push and --license apply to --format hf-hub"),
 ])
 def test_hostile_onnx_outputs(tmp_path, capsys, args, expect):
     path = _saved(tmp_path, "resnet18")
@@ -112,6 +113,13 @@ def test_hostile_onnx_outputs(tmp_path, capsys, args, expect):
     code = main(["export", "--checkpoint", str(path), "--format", "onnx", *[a.format(t=tmp_path) for a in args]])
     err = capsys.readouterr().err
     assert code == 2 and expect in err and "Traceback" not in err
+
+
+def test_onnx_into_a_new_folder(tmp_path):
+    path = _saved(tmp_path, "resnet18")
+    res = export_onnx(tmp_path / "new" / "sub" / "enc.onnx", encoder_file=path, check=False)
+    assert res.path.is_file() and not list(res.path.parent.glob(".*"))  # no temporary file left
+    assert any("not checked" in n for n in res.notes)
 
 
 def test_onnx_never_overwrites_the_run(tmp_path, capsys):

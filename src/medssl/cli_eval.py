@@ -74,7 +74,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     exp.add_argument("--out", required=True, help="output .safetensors / .onnx file, or the hf-hub folder (never a "
                                                   "file of the run itself)")
     exp.add_argument("--push", metavar="ORG/NAME", help="hf-hub: upload the folder to this Hub model repository")
-    exp.add_argument("--license", default="other", help="hf-hub: the model card's license (default other)")
+    exp.add_argument("--license", help="hf-hub: the model card's license, a Hub identifier (default other)")
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -119,7 +119,7 @@ EXTRA_FORMATS = ("onnx", "hf-hub")
 def cmd_export(a: argparse.Namespace) -> int:
     from medssl.errors import ConfigError
 
-    if a.format != "hf-hub" and (a.push is not None or a.license != "other"):
+    if a.format != "hf-hub" and (a.push is not None or a.license is not None):
         raise ConfigError(f"--push and --license apply to --format hf-hub, not {a.format}")
     if a.format == "onnx":
         from medssl.export_onnx import describe_onnx, export_onnx
@@ -130,7 +130,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         from medssl.export_hub import describe_hub, export_hf_hub
 
         print(describe_hub(export_hf_hub(a.out, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder,
-                                         license=a.license, push=a.push)))
+                                         license=a.license or "other", push=a.push)))
         return 0
     from medssl.export_formats import describe, export_weights
 

@@ -24,7 +24,7 @@ import medssl
 from medssl.encoders import load_encoder, meta_int, read_metadata, require_medssl_metadata
 from medssl.errors import ConfigError, MedsslError, StorageError
 from medssl.export_formats import ExportedWeights, _source, owned_by
-from medssl.fileio import atomic_write_bytes, check_output_file
+from medssl.fileio import atomic_write_bytes, check_output_file, ensure_output_dir
 
 OPSET = 17
 #: largest |onnxruntime − PyTorch| accepted by the self-check (the test asks for 1e-4)
@@ -101,6 +101,7 @@ def export_onnx(out: str | Path, *, run: str | Path | None = None, encoder_file:
                           "outside the run directory")
     check_output_file(out)
     shape = input_shape(meta)
+    ensure_output_dir(out.parent)
     model = load_encoder(src).eval()
     example = torch.rand((2, *shape[1:]))
     tmp = out.with_name(f".{out.name}.export")
