@@ -130,7 +130,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         from medssl.export_hub import describe_hub, export_hf_hub
 
         print(describe_hub(export_hf_hub(a.out, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder,
-                                         license=a.license or "other", push=a.push)))
+                                         license="other" if a.license is None else a.license, push=a.push)))
         return 0
     from medssl.export_formats import describe, export_weights
 
