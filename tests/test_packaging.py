@@ -115,6 +115,7 @@ def readme_python_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow  # the README example: a pretraining run and an evaluation
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     code = readme_python_example()
     for old, new in README_SHRINK.items():

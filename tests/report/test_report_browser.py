@@ -19,6 +19,8 @@ from medssl.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.slow  # a pretraining run, an evaluation and a browser
+
 
 def _browser_or_skip() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
