@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,54 @@ def test_resume_purges_events_after_the_resumed_step(tmp_path):
     got = [(e.step, e.value) for e in _events(out).Scalars("loss")]
     assert [s for s, _ in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in got], [float(r["loss"]) for r in rows], rtol=1e-5)
+
+
+class _FakeLogger:
+    """Records the calls medssl makes on Lightning's WandbLogger / MLFlowLogger (their packages are not installed in
+    CI; their own logging is Lightning's, tested there)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls = kwargs, []
+        self.run_id = "run-1"
+        self.experiment = self
+
+    def log_hyperparams(self, params):
+        self.calls.append(("hparams", params))
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("metrics", dict(metrics), step))
+
+    def log_image(self, key, images, step=None):
+        self.calls.append(("image", key, images, step))
+
+    def log_artifact(self, run_id, path, artifact_path=None):
+        self.calls.append(("artifact", run_id, path, artifact_path))
+
+    def finalize(self, status):
+        self.calls.append(("finalize", status))
+
+
+def test_wandb_and_mlflow_wiring(tmp_path, monkeypatch):
+    import lightning.pytorch.loggers as pl_loggers
+    import torch
+
+    import medssl.engine.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_installed", lambda package: True)
+    monkeypatch.setattr(pl_loggers, "WandbLogger", _FakeLogger)
+    monkeypatch.setattr(pl_loggers, "MLFlowLogger", _FakeLogger)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tr = tracking.Trackers(["csv", "wandb", "mlflow"], tmp_path, project="proj")
+    wandb, mlflow = tr.loggers["wandb"], tr.loggers["mlflow"]
+    assert wandb.kwargs == {"name": tmp_path.name, "save_dir": str(tmp_path), "project": "proj"}
+    assert mlflow.kwargs["experiment_name"] == "proj" and mlflow.kwargs["tracking_uri"].startswith("file:")
+    tr.log_metrics({"step": 3, "epoch": 0, "loss": "1.5", "backbone_eff_rank": "", "note": "x"}, 3)
+    assert ("metrics", {"epoch": 0.0, "loss": 1.5}, 3) in wandb.calls and ("metrics", {"epoch": 0.0, "loss": 1.5},
+                                                                             3) in mlflow.calls
+    tr.log_spectra({"backbone": torch.randn(12, 16)}, 3)
+    kind, key, images, step = next(c for c in wandb.calls if c[0] == "image")
+    assert (key, step) == ("collapse/backbone_spectrum", 3) and images[0].ndim == 3 and images[0].dtype == np.uint8
+    art = next(c for c in mlflow.calls if c[0] == "artifact")
+    assert art[1] == "run-1" and art[3] == "collapse/backbone_spectrum" and Path(art[2]).is_file()
+    tr.close()
+    assert wandb.calls[-1] == ("finalize", "success") and mlflow.calls[-1] == ("finalize", "success")
