@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # a medssl dependency
 
 from medssl.api import pretrain
 from medssl.cli import main
 from medssl.config import LogConfig, build_config
 from medssl.errors import ConfigError
-
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
 def _events(run):
