@@ -13,8 +13,9 @@ The layer order this test enforces (lowest first; a module may import its own la
     5  methods
     6  engine       (with export: the trainer writes the encoder files)
     7  eval
-    8  api          (api, encoders, export_formats, embed, compare, report: the library entry points)
-    9  cli          (cli, cli_eval, demo, __main__)
+    8  api          (api, encoders, export_formats, export_onnx, export_hub, embed, compare, report: the library
+                    entry points)
+    9  cli          (cli, cli_eval, completion, demo, __main__)
 
 Two checks:
 
@@ -55,8 +56,9 @@ LAYERS = {
     "medssl.engine": ENGINE, "medssl.export": ENGINE,
     "medssl.eval": EVAL,
     "medssl.api": API, "medssl.encoders": API, "medssl.export_formats": API, "medssl.embed": API,
+    "medssl.export_onnx": API, "medssl.export_hub": API,
     "medssl.compare": API, "medssl.report": API,
-    "medssl.cli": CLI, "medssl.cli_eval": CLI, "medssl.demo": CLI, "medssl.__main__": CLI,
+    "medssl.cli": CLI, "medssl.cli_eval": CLI, "medssl.completion": CLI, "medssl.demo": CLI, "medssl.__main__": CLI,
 }
 REGISTRIES = ("medssl.methods.registry", "medssl.eval.registry", "medssl.data.registry")
 

@@ -418,9 +418,10 @@ def _evaluate_encoder(entry: ProtocolEntry, label: str, enc: Any, ds: Any, split
 
         task: Any = ImageTask.from_dataset(ds, enc, device=dev, splits=splits)
     else:
-        task = features_from_dataset(enc, ds, batch_size=batch_size, device=dev, splits=splits)
+        task = features_from_dataset(enc, ds, batch_size=batch_size, device=dev, splits=splits, progress=progress)
     rows = [{"encoder": label, **row} for row in run_protocol(task, entry.name, fractions, seeds, encoder_name=label,
-                                                              predictions_dir=predictions_dir, **options)]
+                                                              predictions_dir=predictions_dir, progress=progress,
+                                                              **options)]
     if progress:
         what = "" if entry.inputs == "images" else " probe"
         print(f"evaluated {label}: {entry.name}{what} on {len(splits['train'])} train / {len(splits['test'])} test "

@@ -114,6 +114,7 @@ def _add_evaluate(sub: Any, data_help: str) -> None:
     ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
     ev.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of a run or evaluation) to reuse")
+    ev.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--data", required=True, help=data_help)
     ins.add_argument("--task", help="label task where the dataset has several")
     ins.add_argument("--image-size", type=_positive_int)
+    ins.add_argument("--quiet", action="store_true", help="no progress output")
 
     sub.add_parser("methods", help="list the registered methods")
 
@@ -142,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medssl.cli_eval import add_parsers
 
     add_parsers(sub, _floats, _ints, _positive_int, data_help)
+    from medssl.completion import SHELLS
+
+    comp = sub.add_parser("completion", help="print a shell completion script (source <(medssl completion bash))")
+    comp.add_argument("shell", choices=SHELLS, help="the shell: bash or zsh")
     return p
 
 
@@ -174,6 +180,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, protocol=a.protocol,
         label_fractions=a.label_fractions, seeds=a.seeds, task=a.task, encoder=a.encoder, backbone=a.backbone,
         image_size=a.image_size, batch_size=a.batch_size, device=a.device, splits_file=a.splits, epochs=a.epochs,
+        progress=not a.quiet,
     )
     print(res["table"])
     print(f"results written to {Path(a.out) / 'results.json'} and results.md")
@@ -182,10 +189,28 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from medssl.data.inspect import format_report, inspect_data
+    from medssl.engine.logging import TaskProgress
 
-    report = inspect_data(a.data, task=a.task, image_size=a.image_size)
+    bars: list[TaskProgress] = []
+
+    def progress(total: int) -> Any:
+        bars.append(TaskProgress("inspect", total, enabled=not a.quiet, unit="items"))
+        return bars[-1].advance
+
+    try:
+        report = inspect_data(a.data, task=a.task, image_size=a.image_size, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(format_report(report))
     return 1 if report.bad else 0
+
+
+def _cmd_completion(a: argparse.Namespace) -> int:
+    from medssl.completion import completion_script
+
+    sys.stdout.write(completion_script(a.shell, build_parser()))
+    return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -241,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(quiet=bool(getattr(args, "quiet", False)))
     handlers = {"methods": lambda: _cmd_methods(), "pretrain": lambda: _cmd_pretrain(args),
                 "evaluate": lambda: _cmd_evaluate(args), "demo": lambda: _cmd_demo(args),
-                "inspect": lambda: _cmd_inspect(args)}
+                "inspect": lambda: _cmd_inspect(args), "completion": lambda: _cmd_completion(args)}
     from medssl.cli_eval import HANDLERS
 
     handlers.update({name: (lambda fn=fn: fn(args)) for name, fn in HANDLERS.items()})

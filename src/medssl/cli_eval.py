@@ -63,15 +63,21 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     emb.add_argument("--device", help=DEVICE_HELP)
     emb.add_argument("--plot", action="store_true", help="also draw a 2D projection (PCA; UMAP if installed)")
     emb.add_argument("--out", required=True, help="output directory")
+    emb.add_argument("--quiet", action="store_true", help="no progress output")
 
-    exp = sub.add_parser("export", help="write a run's backbone in timm / torchvision / MONAI key layout")
+    exp = sub.add_parser("export", help="write a run's backbone in timm / torchvision / MONAI key layout, as ONNX or "
+                         "as a Hugging Face Hub folder")
     esrc = exp.add_mutually_exclusive_group(required=True)
     esrc.add_argument("--run", help="run directory")
     esrc.add_argument("--checkpoint", help="an exported medssl encoder .safetensors")
-    exp.add_argument("--format", required=True, choices=FORMATS,
-                     help="key layout of the written file")
+    exp.add_argument("--format", required=True, choices=(*FORMATS, *EXTRA_FORMATS),
+                     help="key layout of the written .safetensors file; onnx: an ONNX model (dynamic batch); hf-hub: a "
+                          "folder timm loads (config.json, model.safetensors, README.md model card)")
     exp.add_argument("--encoder", help="which encoder of a multi-encoder run (e.g. cnn, vit)")
-    exp.add_argument("--out", required=True, help="output .safetensors file (never a file of the run itself)")
+    exp.add_argument("--out", required=True, help="output .safetensors / .onnx file, or the hf-hub folder (never a "
+                                                  "file of the run itself)")
+    exp.add_argument("--push", metavar="ORG/NAME", help="hf-hub: upload the folder to this Hub model repository")
+    exp.add_argument("--license", help="hf-hub: the model card's license, a Hub identifier (default other)")
 
     pre = sub.add_parser("prepare", help="read a dataset once, preprocess it and write compressed shards (read "
                          "back with --data shards:DIR)")
@@ -143,7 +149,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
 
     res = embed(a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, encoder=a.encoder,
                 backbone=a.backbone, image_size=a.image_size, task=a.task, split=a.split, batch_size=a.batch_size,
-                device=a.device, plot=a.plot)
+                device=a.device, plot=a.plot, progress=not a.quiet)
     n, d = res["shape"]
     print(f"{res['encoder']}: {n} x {d} features written to {res['features']}, index to {res['index']}")
     if res["plot"] is not None:
@@ -169,7 +175,26 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+EXTRA_FORMATS = ("onnx", "hf-hub")
+"""``medssl export`` formats beyond the safetensors key layouts of :data:`medssl.export_formats.FORMATS`."""
+
+
 def cmd_export(a: argparse.Namespace) -> int:
+    from medssl.errors import ConfigError
+
+    if a.format != "hf-hub" and (a.push is not None or a.license is not None):
+        raise ConfigError(f"--push and --license apply to --format hf-hub, not {a.format}")
+    if a.format == "onnx":
+        from medssl.export_onnx import describe_onnx, export_onnx
+
+        print(describe_onnx(export_onnx(a.out, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder)))
+        return 0
+    if a.format == "hf-hub":
+        from medssl.export_hub import describe_hub, export_hf_hub
+
+        print(describe_hub(export_hf_hub(a.out, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder,
+                                         license="other" if a.license is None else a.license, push=a.push)))
+        return 0
     from medssl.export_formats import describe, export_weights
 
     res = export_weights(a.out, a.format, run=a.run, encoder_file=a.checkpoint, encoder=a.encoder)

@@ -131,8 +131,11 @@ def compare(
     out = ensure_output_dir(out)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for entry in entries:
-        for lab, run, its in sources:
+    from medssl.engine.logging import TaskProgress
+
+    jobs = [(entry, source) for entry in entries for source in sources]
+    with TaskProgress("compare", len(jobs), enabled=progress, unit="evaluations") as bar:
+        for entry, (lab, run, its) in jobs:
             sub = out / "per_source" / entry.name / lab.replace("/", "__").replace(":", "_")
             # --epochs is the length of the protocols that train; the feature probes have none
             opts = options if entry.trains else {k: v for k, v in options.items() if k != "epochs"}
@@ -145,6 +148,7 @@ def compare(
                 note = (json.loads(meta_path.read_text()).get("meta") or {}).get("skipped")
                 if note and note not in skipped:
                     skipped.append(note)
+            bar.advance(1, info=f"{entry.name} {lab}")
     meta = {"data": data, "runs": ", ".join(str(r) for r in runs) or None, "inits": ", ".join(inits) or None,
             "protocols": ", ".join(dict.fromkeys(protocols)), "label_fractions": list(label_fractions),
             "seeds": list(seeds), "encoders": list(dict.fromkeys(r["encoder"] for r in rows))}

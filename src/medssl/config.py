@@ -41,6 +41,8 @@ MAX_SAMPLES_PER_VOLUME = 64
 SPACING_RANGE_MM = (1e-3, 100.0)
 #: ``optim.name`` values.
 OPTIMIZERS = ("sgd", "adamw")
+#: ``log.backends`` values (``csv`` = ``metrics.csv``, always among them; see :class:`LogConfig`).
+LOG_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow")
 #: Largest ``train.seed``: every rank seeds with ``seed + rank``, which NumPy needs below 2**32.
 MAX_SEED = 2**31 - 1
 
@@ -359,6 +361,46 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where training metrics and figures go (the ``log:`` section), through Lightning Fabric's loggers.
+
+    ``metrics.csv`` is the run's own record (the report, ``--resume`` and the tests read it), so ``csv`` is always
+    among the backends. The others (:mod:`medssl.engine.tracking`):
+
+    * ``tensorboard`` (default): event files ``RUN/events.out.tfevents.*`` beside ``metrics.csv`` with every
+      scalar of a metrics row, the collapse spectrum (``collapse/spectrum``) and the reconstruction grids
+      (``reconstructions``) as images. ``tensorboard --logdir RUN`` shows them.
+    * ``wandb``: Weights & Biases (``pip install medssl[wandb]``; ``WANDB_MODE=offline`` without network).
+    * ``mlflow``: MLflow, tracking into ``RUN/mlruns`` unless ``MLFLOW_TRACKING_URI`` says otherwise
+      (``pip install medssl[mlflow]``).
+
+    A backend whose package is not installed is an error before training starts, e.g.
+    ``--set log.backends=[csv,tensorboard,wandb]`` without wandb.
+
+    Attributes:
+        backends: the backends, among :data:`LOG_BACKENDS` (``csv`` included, no repeats).
+        project: the W&B project / MLflow experiment name.
+    """
+
+    backends: tuple[str, ...] = ("csv", "tensorboard")
+    project: str = "medssl"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backends, str):
+            self.backends = (self.backends,)
+        self.backends = tuple(self.backends)
+        for i, name in enumerate(self.backends):
+            check_choice(f"backends[{i}]", name, LOG_BACKENDS)
+        if len(set(self.backends)) != len(self.backends):
+            raise FieldError("backends", f"lists a backend twice: {list(self.backends)}")
+        if "csv" not in self.backends:
+            raise FieldError("backends", f"must include csv (metrics.csv is the run's record), got "
+                             f"{list(self.backends)}")
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise FieldError("project", f"must be a non-empty name, got {self.project!r}")
+
+
+@dataclass
 class PretrainConfig:
     """The whole description of a pretraining run (written to ``config.yaml``)."""
 
@@ -369,6 +411,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def method_name(self) -> str:

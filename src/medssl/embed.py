@@ -130,6 +130,7 @@ def embed(
     batch_size: int = 256,
     device: str | None = None,
     plot: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write the features of every image of ``data`` (or of one ``split``) to ``out``.
 
@@ -140,6 +141,7 @@ def embed(
         encoder: which encoder of a multi-encoder run.
         split: ``train`` / ``val`` / ``test``; ``None`` = all items.
         plot: draw the 2D projection coloured by label.
+        progress: a progress bar with ETA on a terminal, plain lines otherwise (stderr).
 
     Returns:
         ``{"encoder", "features", "index", "plot", "shape"}``.
@@ -161,7 +163,8 @@ def embed(
     idx = np.arange(len(ds)) if split is None else np.asarray(ds.indices(split), dtype=np.int64)
     if idx.size == 0:
         raise ConfigError(f"data {data}: no items{'' if split is None else f' in split {split}'}")
-    feats = extract_features(enc, ds, idx, batch_size=batch_size, device=dev)
+    feats = extract_features(enc, ds, idx, batch_size=batch_size, device=dev,
+                             progress=f"embed {label}" if progress else False)
     atomic_write(out / "features.npy", lambda f: np.save(f, feats.astype(np.float32, copy=False)))
     names = [_label_text(ds, i)[1] for i in idx.tolist()]
     atomic_write_text(out / "index.csv", _index_csv(ds, idx))

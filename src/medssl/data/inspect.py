@@ -17,6 +17,7 @@ orientations and extreme anisotropy (largest / smallest spacing above :data:`ANI
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,14 @@ def _check_file(
     return spatial
 
 
+def _ticking(items: Iterable[int], tick: Callable[[], None] | None) -> Iterator[int]:
+    """``items``, calling ``tick()`` after the loop body of each (also when the body ``continue``s)."""
+    for i in items:
+        yield i
+        if tick is not None:
+            tick()
+
+
 def _format_of(path: str) -> str:
     name = path.lower()
     if Path(path).is_dir():
@@ -167,8 +176,11 @@ def _note_volume(report: InspectReport, path: str, result: Any) -> None:
     report.volumes.append(info)
 
 
-def inspect_data(spec: str, task: str | None = None, image_size: int | None = None) -> InspectReport:
+def inspect_data(spec: str, task: str | None = None, image_size: int | None = None,
+                 progress: Callable[[int], Callable[[], None]] | None = None) -> InspectReport:
     """Opens ``spec`` and reads every item once (see the module docstring).
+
+    ``progress(total)`` (optional) returns a function called once per item read (the CLI's progress display).
 
     Raises:
         DataError: If the spec itself is invalid (unknown prefix, missing manifest, ...); unreadable files
@@ -179,7 +191,8 @@ def inspect_data(spec: str, task: str | None = None, image_size: int | None = No
     dataset = open_dataset(spec, image_size=image_size, task=task)
     report = InspectReport(summary=dataset.describe())
     files_of = _files_of(dataset)
-    for i in range(len(dataset)):
+    tick = progress(len(dataset)) if progress is not None else None
+    for i in _ticking(range(len(dataset)), tick):
         if i in dataset.open_errors:  # found unreadable while opening (e.g. a folder image's header)
             report.bad.append((dataset.sources[i], dataset.open_errors[i]))
             continue

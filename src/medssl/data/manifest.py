@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -549,11 +550,12 @@ class SubsetDataset(ImageDataset):
         return self.base._load_item(int(self.keep[index]))
 
 
-def drop_bad(dataset: ImageDataset) -> SubsetDataset:
+def drop_bad(dataset: ImageDataset, tick: Callable[[], None] | None = None) -> SubsetDataset:
     """Loads every item of ``dataset`` once and drops the ones that fail with a :class:`DataError`.
 
     Args:
         dataset: Any :class:`ImageDataset`.
+        tick: called after each item (a progress display).
 
     Returns:
         A :class:`SubsetDataset` of the readable items; ``.skipped`` lists ``(source, reason)`` of the others
@@ -571,6 +573,8 @@ def drop_bad(dataset: ImageDataset) -> SubsetDataset:
             skipped.append((dataset.sources[i], str(exc)))
         else:
             keep.append(i)
+        if tick is not None:
+            tick()
     if not keep:
         first = skipped[0][1] if skipped else "the dataset is empty"
         raise DataError(f"data {dataset.name}: no readable item (first problem: {first})")

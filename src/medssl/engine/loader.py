@@ -53,16 +53,20 @@ def _collate_crops(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"image": images, "index": index}
 
 
-def open_data(cfg: PretrainConfig, run: RunDir, is_global_zero: bool) -> Any:
-    """Open ``cfg.data``; with ``data.skip_bad`` drop the unreadable items and list them in ``RUN/skipped.csv``
-    at once (global rank 0), so the log line pointing there is true even if the run fails later."""
+def open_data(cfg: PretrainConfig, run: RunDir, is_global_zero: bool, progress: bool = True) -> Any:
+    """Open ``cfg.data``; with ``data.skip_bad`` drop the unreadable items (a progress display on global rank 0
+    unless ``progress`` is off) and list them in ``RUN/skipped.csv`` at once (global rank 0), so the log line
+    pointing there is true even if the run fails later."""
     from medssl.data.specs import open_from_config
 
     dataset = open_from_config(cfg.data)
     if cfg.data.skip_bad and not hasattr(dataset, "chunk_starts"):  # shards hold readable items only
         from medssl.data.manifest import drop_bad
+        from medssl.engine.logging import TaskProgress
 
-        dataset = drop_bad(dataset)
+        with TaskProgress("check data (--skip-bad)", len(dataset), enabled=is_global_zero and progress,
+                          unit="items") as bar:
+            dataset = drop_bad(dataset, tick=bar.advance)
         if is_global_zero:
             run.write_skipped(dataset.skipped)
         if dataset.skipped:

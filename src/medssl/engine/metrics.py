@@ -17,21 +17,26 @@ import torch
 
 from medssl import distributed as dist_utils
 from medssl.engine.logging import MetricsCSV, Progress
+from medssl.engine.tracking import Trackers
 
 log = logging.getLogger("medssl")
 
 
 def _collapse_update(embeddings: dict[str, torch.Tensor], step: int, total_steps: int, every: int,
-                     pending: dict[str, Any]) -> dict[str, Any]:
+                     pending: dict[str, Any], trackers: Trackers | None = None) -> dict[str, Any]:
     """Collapse columns for the next metrics.csv row: present (empty) from the first row on, filled every
-    ``every`` steps and at the last step from this step's embeddings (gathered across ranks)."""
+    ``every`` steps and at the last step from this step's embeddings (gathered across ranks); ``trackers`` get
+    the spectra of the gathered embeddings as images."""
     if not every or not embeddings:
         return pending
     from medssl.eval.collapse import collapse_columns, collapse_logs
 
     cols = {c: pending.get(c, "") for c in collapse_columns(list(embeddings))}
     if step % every == 0 or step == total_steps:
-        cols.update(collapse_logs({k: dist_utils.gather(v.detach(), with_grad=False) for k, v in embeddings.items()}))
+        gathered = {k: dist_utils.gather(v.detach(), with_grad=False) for k, v in embeddings.items()}
+        cols.update(collapse_logs(gathered))
+        if trackers:
+            trackers.log_spectra(gathered, step)
     return cols
 
 
@@ -47,11 +52,12 @@ class MetricsWindow:
         log_every: ``train.log_every_n_steps``.
         collapse_every: ``train.collapse_every_n_steps`` (0 = off).
         start_step: the step the run starts (or resumes) at.
+        trackers: the other ``log.backends`` (TensorBoard ...; global rank 0), else ``None``.
     """
 
     def __init__(self, fabric: Any, csv: MetricsCSV | None, bar: Progress, *, global_batch: int, total_steps: int,
-                 log_every: int, collapse_every: int, start_step: int) -> None:
-        self.fabric, self.csv, self.bar = fabric, csv, bar
+                 log_every: int, collapse_every: int, start_step: int, trackers: Trackers | None = None) -> None:
+        self.fabric, self.csv, self.bar, self.trackers = fabric, csv, bar, trackers
         self.global_batch, self.total_steps = global_batch, total_steps
         self.log_every, self.collapse_every = log_every, collapse_every
         self.loss_sum = torch.zeros((), device=fabric.device)
@@ -67,7 +73,7 @@ class MetricsWindow:
         for k, v in out.logs.items():
             self.logs[k] = self.logs.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
         self.collapse_row = _collapse_update(out.embeddings, step, self.total_steps, self.collapse_every,
-                                             self.collapse_row)
+                                             self.collapse_row, self.trackers)
 
     def maybe_log(self, step: int, epoch: int, lrs: dict[str, float]) -> None:
         """On a log step: the row (``step, epoch, loss, lr, images_per_s``, ``lr_<set>`` with several parameter
@@ -86,6 +92,8 @@ class MetricsWindow:
             row.update({k: float(v) / n for k, v in self.logs.items()})
             row.update(self.collapse_row)
             self.csv.log(row)
+            if self.trackers:
+                self.trackers.log_metrics(row, step)
         self.bar.update(step, epoch, mean_loss, lr_now, ips)
         if not math.isfinite(mean_loss):
             log.warning("non-finite mean loss at step %d", step)
@@ -95,5 +103,7 @@ class MetricsWindow:
         self.t_last, self.step_last = now, step
 
     def close(self) -> None:
-        """Stop the progress display."""
+        """Stop the progress display; flush and close the trackers."""
         self.bar.close()
+        if self.trackers:
+            self.trackers.close()

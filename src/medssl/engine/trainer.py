@@ -31,6 +31,7 @@ from medssl.engine.optim import Optimizers, build_optimizers
 from medssl.engine.rundir import RunDir
 from medssl.engine.sampler import check_loader_resume
 from medssl.engine.state import TrainState, load_start
+from medssl.engine.tracking import Trackers, check_backends
 from medssl.errors import ConfigError
 from medssl.methods import DataInfo, Method, get_method
 from medssl.methods import build_method as build_registered_method
@@ -151,10 +152,15 @@ class Trainer:
         self.fabric, self.cfg, self.run, self.data = fabric, cfg, run, data
         self.model, self.optim, self.state, self.method = model, optim, state, state.method
         csv = MetricsCSV(run.metrics, resume_step=state.step if resumed else None) if fabric.is_global_zero else None
+        self.trackers = (Trackers(cfg.log.backends, run.root, project=cfg.log.project,
+                                  resume_step=state.step if resumed else None) if fabric.is_global_zero else None)
+        if self.trackers and not resumed:
+            self.trackers.log_hyperparams(cfg.to_dict())
         bar = Progress(data.total_steps, start_step=state.step, enabled=progress and fabric.is_global_zero)
         self.window = MetricsWindow(fabric, csv, bar, global_batch=data.global_batch, total_steps=data.total_steps,
                                     log_every=cfg.train.log_every_n_steps,
-                                    collapse_every=cfg.train.collapse_every_n_steps, start_step=state.step)
+                                    collapse_every=cfg.train.collapse_every_n_steps, start_step=state.step,
+                                    trackers=self.trackers)
         self.guard = StepGuard(fabric, cfg.checkpoint.on_sigterm, run.last)
 
     def fit(self) -> None:
@@ -196,7 +202,9 @@ class Trainer:
         self.window.add(out, step)
         vis = t.visualize_every_n_steps
         if self.fabric.is_global_zero and vis and (step % vis == 0 or step == self.data.total_steps):
-            _write_visuals(self.method, batch, step, self.run.root, t.seed)
+            figure = _write_visuals(self.method, batch, step, self.run.root, t.seed)
+            if figure is not None and self.trackers:
+                self.trackers.log_image_file("reconstructions", figure, step)
         self.window.maybe_log(step, epoch, self.optim.lrs())
         every = self.cfg.checkpoint.every_n_steps
         if (every and step % every == 0) or step % self.data.steps_per_epoch == 0:
@@ -236,6 +244,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         The run directory.
     """
     _quiet_lightning()
+    check_backends(cfg.log.backends)
     run = RunDir(out_dir)
     run.check(cfg.data.spec, resume=resume)
     fabric = make_fabric(cfg.train)
@@ -244,7 +253,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         start = load_start(run, cfg, resume=resume, force=force)
         # Each rank gets its own augmentation stream; data order comes from the sampler's own seed.
         fabric.seed_everything(cfg.train.seed + fabric.global_rank, verbose=False)
-        dataset = open_data(cfg, run, fabric.is_global_zero)
+        dataset = open_data(cfg, run, fabric.is_global_zero, progress=progress)
         method_cls = get_method(cfg.method_name)
         resolve_defaults(cfg, dataset, method_cls)
         data = build_loader(cfg, dataset, method_cls.view_spec_for(cfg.method), fabric)

@@ -234,7 +234,8 @@ def evaluate_collapse(
 
             parts.append((f"{label} (before whitening)", Encoder(inner.backbone)))
         for name, module in parts:
-            feats = extract_features(module, dataset, idx, batch_size=batch_size, device=device)
+            feats = extract_features(module, dataset, idx, batch_size=batch_size, device=device,
+                                     progress=f"features {name}" if progress else False)
             st = collapse_stats(feats)
             spectra[name] = st.spectrum
             rows.append({

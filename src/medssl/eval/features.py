@@ -10,7 +10,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from medssl.engine.logging import TaskProgress
 from medssl.errors import DataError
+
+
+def _embed_batch(encoder: torch.nn.Module, batch: object, device: torch.device) -> np.ndarray:
+    """One batch's ``(B, D)`` features (float32, on the CPU)."""
+    if not isinstance(batch, dict) or "image" not in batch:
+        raise DataError("dataset items must be dicts with an 'image' tensor")
+    images = batch["image"].to(device, non_blocking=True)
+    out = encoder(images)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(
+            f"the encoder must return (B, D) features for a batch of {images.shape[0]} images, got "
+            f"{shape}; pool spatial feature maps inside the encoder"
+        )
+    return out.float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -21,6 +37,7 @@ def extract_features(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    progress: bool | str = False,
 ) -> np.ndarray:
     """Embed ``dataset[indices]`` with a frozen encoder.
 
@@ -36,6 +53,8 @@ def extract_features(
         batch_size: Images per forward pass.
         device: Where the forward passes run.
         num_workers: DataLoader worker processes.
+        progress: show a progress bar / plain lines (:class:`medssl.engine.logging.TaskProgress`); a string is
+            its label (default ``features``).
 
     Returns:
         ``(len(indices), D)`` float32 array, row ``i`` the feature of ``dataset[indices[i]]``.
@@ -68,19 +87,12 @@ def extract_features(
     encoder.to(device)
     encoder.eval()
     chunks: list[np.ndarray] = []
+    label = progress if isinstance(progress, str) else "features"
     try:
-        for batch in loader:
-            if not isinstance(batch, dict) or "image" not in batch:
-                raise DataError("dataset items must be dicts with an 'image' tensor")
-            images = batch["image"].to(device, non_blocking=True)
-            out = encoder(images)
-            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise DataError(
-                    f"the encoder must return (B, D) features for a batch of {images.shape[0]} images, got "
-                    f"{shape}; pool spatial feature maps inside the encoder"
-                )
-            chunks.append(out.float().cpu().numpy())
+        with TaskProgress(label, int(idx.size), enabled=bool(progress), unit="images") as bar:
+            for batch in loader:
+                chunks.append(_embed_batch(encoder, batch, device))
+                bar.advance(chunks[-1].shape[0])
     finally:
         encoder.train(was_training)
     features = np.concatenate(chunks, axis=0).astype(np.float32, copy=False)

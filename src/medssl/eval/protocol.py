@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medssl.data.splits import stratified_fraction
+from medssl.engine.logging import TaskProgress
 from medssl.errors import ConfigError, DataError
 from medssl.eval import registry as _registry
 from medssl.eval.bootstrap import DEFAULT_N_BOOT, classification_ci
@@ -395,6 +396,7 @@ def run_protocol(
     min_per_class: int = 1,
     subsample_val: bool = True,
     predictions_dir: str | Path | None = None,
+    progress: bool = False,
     **protocol_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Run one protocol for every label fraction x seed.
@@ -414,6 +416,8 @@ def run_protocol(
             protocol are written there as ``predictions_<encoder>_<fraction>_seed<seed>.npz`` (arrays
             ``y_true``, ``scores``, ``encoder``, ``protocol``, ``label_fraction``, ``seed`` and ``class_names``
             when known); ``medssl report`` draws ROC / PR curves from them.
+        progress: a progress display over the fraction x seed grid
+            (:class:`medssl.engine.logging.TaskProgress`).
         **protocol_kwargs: Options of the protocol, e.g. ``k=20, temperature=0.07`` for kNN or
             ``c_grid=(...)`` for the linear probe.
 
@@ -440,8 +444,9 @@ def run_protocol(
     # A protocol whose result depends only on the subsets (not on the seed) is not refitted when another seed
     # draws the very same subsets, as every seed does at 100 % labels.
     reuse: dict[tuple[bytes, bytes | None], tuple[int, ProtocolOutput]] = {}
-    for fraction in fractions:
-        for seed in seed_list:
+    label = f"{protocol} {encoder_name}" if encoder_name else protocol
+    with TaskProgress(label, len(fractions) * len(seed_list), enabled=progress, unit="fits") as bar:
+        for fraction, seed in [(f, s) for f in fractions for s in seed_list]:
             train_subset, val_subset = draw_subsets(train_y, val_y, fraction, seed, min_per_class, subsample_val)
             key = (train_subset.tobytes(), None if val_subset is None else val_subset.tobytes())
             extra_notes: list[str] = []
@@ -456,6 +461,7 @@ def run_protocol(
                 save_predictions(Path(predictions_dir), out.predictions, encoder=encoder_name or "encoder",
                                  protocol=protocol, fraction=fraction, seed=seed,
                                  class_names=getattr(features, "class_names", None))
+            bar.advance(1, info=f"labels {fraction:g} seed {seed}")
     return rows
 
 
@@ -488,6 +494,7 @@ def features_from_dataset(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     splits: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> FeatureSet:
     """Extract a :class:`FeatureSet` from a medssl dataset's train / val / test splits.
 
@@ -499,6 +506,7 @@ def features_from_dataset(
         device: Where the encoder runs.
         num_workers: DataLoader workers.
         splits: ``{"train", "val", "test"}`` -> dataset indices; default ``dataset.indices(split)``.
+        progress: a progress display per split (``features train`` ...).
 
     Returns:
         Features, labels, class names and the test items' patient ids; ``val_x`` / ``val_y`` are ``None`` when
@@ -521,7 +529,8 @@ def features_from_dataset(
 
     def embed(split: str) -> np.ndarray:
         return extract_features(
-            encoder, dataset, split_idx[split], batch_size=batch_size, device=device, num_workers=num_workers
+            encoder, dataset, split_idx[split], batch_size=batch_size, device=device, num_workers=num_workers,
+            progress=f"features {split}" if progress else False,
         )
 
     has_val = split_idx["val"].size > 0
