@@ -22,6 +22,7 @@ import torch
 
 from medssl import distributed as dist_utils
 from medssl.config import PretrainConfig, TrainConfig
+from medssl.engine.alarm import CollapseAlarm, TrainingCollapsed
 from medssl.engine.checkpoint import rng_state, save_and_rotate
 from medssl.engine.guard import StepGuard, TrainingInterrupted
 from medssl.engine.loader import TrainData, build_loader, open_data, pretrain_indices
@@ -150,9 +151,12 @@ class Trainer:
         self.model, self.optim, self.state, self.method = model, optim, state, state.method
         csv = MetricsCSV(run.metrics, resume_step=state.step if resumed else None) if fabric.is_global_zero else None
         bar = Progress(data.total_steps, start_step=state.step, enabled=progress and fabric.is_global_zero)
+        t = cfg.train
+        self.alarm = CollapseAlarm(rank_fraction=t.collapse_alarm_rank, min_std=t.collapse_alarm_std,
+                                   patience=t.collapse_alarm_patience)
         self.window = MetricsWindow(fabric, csv, bar, global_batch=data.global_batch, total_steps=data.total_steps,
-                                    log_every=cfg.train.log_every_n_steps,
-                                    collapse_every=cfg.train.collapse_every_n_steps, start_step=state.step)
+                                    log_every=t.log_every_n_steps, collapse_every=t.collapse_every_n_steps,
+                                    start_step=state.step, alarm=self.alarm)
         self.guard = StepGuard(fabric, cfg.checkpoint.on_sigterm, run.last)
 
     def fit(self) -> None:
@@ -186,6 +190,8 @@ class Trainer:
             self._after_step(out, batch, epoch)
         if verdict.stop:
             self._interrupt()
+        if self.cfg.train.stop_on_collapse and self.alarm.streak >= self.alarm.patience > 0:
+            self._stop_collapsed()
         return self.state.step >= self.data.total_steps
 
     def _after_step(self, out: Any, batch: dict[str, torch.Tensor], epoch: int) -> None:
@@ -207,6 +213,16 @@ class Trainer:
             save_and_rotate(self.state.state_dict(rngs), self.run.last, step=self.state.step,
                             keep_last_k=self.cfg.checkpoint.keep_last_k)
         self.fabric.barrier()
+
+    def _stop_collapsed(self) -> None:
+        """``train.stop_on_collapse``: flush the metrics row, write a checkpoint, stop with exit code 3."""
+        self.window.maybe_log(self.state.step, self.state.step // self.data.steps_per_epoch, self.optim.lrs(),
+                              force=True)
+        self.save_checkpoint()
+        raise TrainingCollapsed(
+            f"stopped by the collapse alarm (train.stop_on_collapse) after step {self.state.step} of "
+            f"{self.data.total_steps}; see the warning above for the likely causes. Checkpoint: {self.run.last}"
+        )
 
     def _interrupt(self) -> None:
         self.save_checkpoint()

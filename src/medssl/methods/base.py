@@ -207,7 +207,8 @@ class BackboneMethod(Method[C]):
                 (:func:`medssl.nn.backbones.check_image_fits`).
         """
         self.backbone = build_backbone(model.backbone, in_chans=data.in_chans, image_size=data.image_size,
-                                       stem=model.stem, pretrained=model.pretrained, spatial_dims=data.spatial_dims)
+                                       stem=model.stem, pretrained=model.pretrained, spatial_dims=data.spatial_dims,
+                                       zero_init_last=model.zero_init_last)
         check_image_fits(self.backbone, model.backbone, data.image_size)
         self.backbone_name = model.backbone
         self.stem = model.stem
