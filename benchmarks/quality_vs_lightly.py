@@ -213,7 +213,9 @@ def run_lightly(a: argparse.Namespace, seed: int, data: dict[str, Any]) -> tuple
         k = 2 * math.ceil(3 * a.blur_sigma[1]) + 1
         aug.append(T.RandomApply([T.GaussianBlur(k, sigma=tuple(a.blur_sigma))], p=a.blur_p))
     transform = T.Compose(aug)
-    crit = NTXentLoss(temperature=a.tau, memory_bank_size=(a.queue, 128))
+    # medssl caps the queue at the number of training images (more would hold stale copies of the current images
+    # as negatives); the same cap here keeps the recipe the same
+    crit = NTXentLoss(temperature=a.tau, memory_bank_size=(min(a.queue, len(x)), 128))
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd)
 
@@ -250,6 +252,8 @@ def run_lightly(a: argparse.Namespace, seed: int, data: dict[str, Any]) -> tuple
         loss.backward()
         opt.step()
         step += 1
+        if step % 50 == 0 or step == a.steps:
+            print(f"lightly step {step}/{a.steps} loss {float(loss):.3f}", flush=True)
     backbone.eval()
     return (lambda im: backbone((im - 0.5) / 0.5)), {"metrics": {"loss": float(loss)}}
 

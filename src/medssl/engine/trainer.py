@@ -84,11 +84,21 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 def resolve_defaults(cfg: PretrainConfig, dataset: Any, method_cls: type[Method]) -> None:
     """Fill the defaults that depend on the data and the method, so ``config.yaml`` records the values used:
-    ``data.image_size`` (the dataset's native size) and ``optim.lr`` (the method's ``default_lr``)."""
+    ``data.image_size`` (the dataset's native size) and ``optim.lr`` (:func:`default_lr`)."""
     if cfg.data.image_size is None:
         cfg.data.image_size = int(dataset.image_size)
     if cfg.optim.lr is None:
-        cfg.optim.lr = float(method_cls.default_lr)
+        cfg.optim.lr = default_lr(method_cls, cfg.train)
+
+
+def default_lr(method_cls: type[Method], train: TrainConfig) -> float:
+    """The method's ``default_lr``, scaled linearly with the global batch when the method names the batch it is
+    for (``lr_reference_batch``; MoCo v2: 0.06 at 128, the rule of lightly's CIFAR-10 benchmarks)."""
+    lr = float(method_cls.default_lr)
+    ref = getattr(method_cls, "lr_reference_batch", None)
+    if ref:
+        lr *= train.batch_size * train.devices * train.num_nodes / ref
+    return lr
 
 
 def build_method(cfg: PretrainConfig, info: DataInfo, fabric: Any) -> Method:

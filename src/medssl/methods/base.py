@@ -100,6 +100,9 @@ class Method(nn.Module, Generic[C]):
         description: one line for ``medssl methods``.
         config_cls: dataclass of the method's hyper-parameters (the ``method:`` section of a recipe), ``C``.
         default_lr: peak learning rate when the recipe gives none, for ``default_optimizer``.
+        lr_reference_batch: when set, ``default_lr`` is the rate at this global batch and the default scales
+            linearly with the global batch (``default_lr × batch × devices × nodes / lr_reference_batch``, the
+            linear scaling rule of Goyal et al. 2017); ``None`` = ``default_lr`` at every batch size.
         default_optimizer: ``sgd`` or ``adamw``.
         paper: citation.
         supported_spatial_dims: the image dimensionalities the method trains on (2D images, 3D volumes).
@@ -113,6 +116,7 @@ class Method(nn.Module, Generic[C]):
     description: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 0.03
+    lr_reference_batch: ClassVar[int | None] = None
     default_optimizer: ClassVar[str] = "sgd"
     paper: ClassVar[str] = ""
     supported_spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
