@@ -108,7 +108,8 @@ def attention_sweep(a: argparse.Namespace, device: torch.device, lengths: list[i
         med = {k: statistics.median(v) for k, v in times.items()}
         out[n] = {"full_s": round(med["full"], 4), "nystrom_s": round(med["nystrom"], 4),
                   "nystrom_over_full": round(med["nystrom"] / med["full"], 3)}
-    return {"device": str(device), "torch_threads": torch.get_num_threads(), "dim": a.decoder_dim, "heads": a.decoder_heads, "landmarks": a.landmarks,
+    return {"device": str(device), "torch_threads": torch.get_num_threads(), "dim": a.decoder_dim,
+            "heads": a.decoder_heads, "landmarks": a.landmarks,
             "batch_size": a.batch_size, "rounds": a.rounds, "block_fwd_bwd": out}
 
 

@@ -11,7 +11,8 @@ which is part of their cost), with its wall time recorded; then every encoder it
 :func:`medssl.evaluate` with the linear protocol at the label fractions (stratified, patient-level) and seeds
 given, on the dataset's own test split. By default each method starts from its bundled small-CPU phantom recipe
 where there is one (``--recipes cpu``: model size, views, optimiser; MAE's 512 x 8 decoder would otherwise eat
-the budget on a CPU); data, image size, batch and budget always come from the flags. A randomly initialised encoder of each backbone family is the baseline
+the budget on a CPU); data, image size, batch and budget always come from the flags. A randomly initialised encoder
+of each backbone family is the baseline
 row. The output is one Markdown table (mean ± std over seeds of the macro AUC, and the balanced accuracy at
 100 %), or one JSON object with ``--json``.
 """
@@ -132,7 +133,8 @@ def markdown(res: dict[str, Any]) -> str:
         for enc in dict.fromkeys(s.get("encoder") for s in row["summary"]):
             cells = [_cell(row["summary"], enc, f, "auc_macro") for f in fr]
             cells.append(_cell(row["summary"], enc, max(fr), "balanced_accuracy"))
-            lines.append(f"| {row['method']} | {row.get('recipe', '—')} | {enc} | {row['images_seen']} | {row['pretrain_s']:.0f} | "
+            lines.append(f"| {row['method']} | {row.get('recipe', '—')} | {enc} | {row['images_seen']} "
+                         f"| {row['pretrain_s']:.0f} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -117,11 +117,14 @@ def test_cbis_errors(tmp_path: Path) -> None:
         open_dataset(f"cbis-ddsm:{root}@roi")
 
 
-def test_medmnist_by_name_from_the_local_folder_and_offline_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_medmnist_by_name_from_the_local_folder_and_offline_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MEDSSL_MEDMNIST_DIR", str(tmp_path))
     rng = np.random.default_rng(0)
-    arrays = {f"{s}_images": rng.integers(0, 255, (n, 64, 64), dtype=np.uint8) for s, n in [("train", 8), ("val", 2), ("test", 4)]}
-    arrays.update({f"{s}_labels": rng.integers(0, 2, (len(arrays[f'{s}_images']), 1)) for s in ("train", "val", "test")})
+    sizes = [("train", 8), ("val", 2), ("test", 4)]
+    arrays = {f"{s}_images": rng.integers(0, 255, (n, 64, 64), dtype=np.uint8) for s, n in sizes}
+    arrays.update({f"{s}_labels": rng.integers(0, 2, (n, 1)) for s, n in sizes})
     np.savez(tmp_path / "pneumoniamnist_64.npz", **arrays)
     ds = open_dataset("medmnist:pneumoniamnist@64")
     assert len(ds) == 14 and ds.image_size == 64 and ds.name == "medmnist:pneumoniamnist@64"

@@ -1,4 +1,6 @@
-"""DataConfig and IntensityConfig validate themselves (issue 13): one line naming data.<key>, the range and the value."""
+"""DataConfig and IntensityConfig validate themselves (issue 13).
+
+One line naming data.<key>, the range and the value."""
 
 from __future__ import annotations
 

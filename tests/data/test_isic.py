@@ -66,7 +66,8 @@ def test_without_mask_folders_there_are_no_masks(tmp_path: Path) -> None:
     ("remove", "needle"),
     [
         ("ISIC-2017_Validation_Data", "missing folder .*ISIC-2017_Validation_Data"),
-        ("ISIC-2017_Test_v2_Part3_GroundTruth.csv", "missing ground-truth CSV .*ISIC-2017_Test_v2_Part3_GroundTruth.csv"),
+        ("ISIC-2017_Test_v2_Part3_GroundTruth.csv",
+         "missing ground-truth CSV .*ISIC-2017_Test_v2_Part3_GroundTruth.csv"),
         ("ISIC-2017_Training_Part1_GroundTruth", "missing mask folder .*ISIC-2017_Training_Part1_GroundTruth"),
     ],
 )

@@ -94,7 +94,8 @@ def write_png_manifest(root: Path, n: int = 6, broken: bool = False) -> Path:
     rows = []
     for i in range(n):
         _png(root / "img" / f"case{i}.png", seed=i)
-        rows.append({"path": f"img/case{i}.png", "label": "malignant" if i % 2 else "benign", "patient_id": f"p{i // 2}"})
+        label = "malignant" if i % 2 else "benign"
+        rows.append({"path": f"img/case{i}.png", "label": label, "patient_id": f"p{i // 2}"})
     if broken:
         good = (root / "img" / "case0.png").read_bytes()
         (root / "img" / "broken.png").write_bytes(good[: len(good) // 3])
@@ -253,8 +254,8 @@ def _pngs(root: Path, n: int) -> None:
          r"m\.csv: row 2 \(line 3\): label 'nan' looks like a missing value \(2 such row\(s\)\)"),
         ("path,label\nimg/c0.png,0\nimg/c1.png,None\n", r"row 2 \(line 3\): label 'None' looks like a missing value"),
         ("path,label,patient_id\nimg/c0.png,0,nan\n", r"row 1 \(line 2\): patient_id 'nan' looks like a missing value"),
-        ("path;label\nimg/c0.png;0\n", r"no 'path' column \(columns: path;label\); it looks ';'-separated, medssl reads "
-                                       r"comma-separated manifests"),
+        ("path;label\nimg/c0.png;0\n",
+         r"no 'path' column \(columns: path;label\); it looks ';'-separated, medssl reads comma-separated manifests"),
         ("path\tlabel\nimg/c0.png\t0\n", r"it looks tab-separated"),
         ("file,label\nimg/c0.png,0\n", r"no 'path' column \(columns: file, label\); a manifest needs"),
         ("path,label\n\n\nimg/c0.png,0\nimg/nope.png,1\n", r"row 2 \(line 5\): file not found: img/nope\.png"),
@@ -287,7 +288,8 @@ def test_exact_duplicate_rows_are_kept_with_a_warning_and_bom_is_read(tmp_path: 
     with caplog.at_level("WARNING", logger="medssl"):
         ds = open_dataset(f"csv:{csv_path}", image_size=8)
     assert len(ds) == 3 and ds.class_names == ["a", "b"]
-    assert "1 file(s) listed more than once with the same values (first: row 1 (line 2) and row 3 (line 4))" in caplog.text
+    expected = "1 file(s) listed more than once with the same values (first: row 1 (line 2) and row 3 (line 4))"
+    assert expected in caplog.text
 
 
 def test_paths_leaving_the_csv_folder_are_allowed_and_resolved(tmp_path: Path) -> None:

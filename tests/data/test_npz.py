@@ -187,7 +187,8 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         ({"val_labels": np.array([[0.0], [np.inf]])}, r"'val_labels' has dtype float64 with 1 NaN / inf label"),
         ({"val_labels": np.array([[0.0], [1.5]])}, r"'val_labels' has dtype float64 with non-integer labels "
                                                    r"\(e\.g\. \[1\.5\] at row 1\)"),
-        ({"val_labels": np.array([[0], [-3]], np.int64)}, r"'val_labels' holds negative labels \(min -3, first at row 1"),
+        ({"val_labels": np.array([[0], [-3]], np.int64)},
+         r"'val_labels' holds negative labels \(min -3, first at row 1"),
         ({"val_labels": np.zeros((3, 1), np.uint8)}, r"'val_labels' has 3 rows but 'val_images' has 2 images"),
         ({"val_labels": np.zeros((2, 1, 1), np.uint8)}, r"'val_labels' has shape \(2, 1, 1\)"),
         ({"val_labels": np.array([["a"], ["b"]])}, r"'val_labels' has dtype <U1; expected integer"),

@@ -105,5 +105,6 @@ def test_medmoco_and_cass_steps_equal_one_process():
                 torch.testing.assert_close(got["grads"][key], g, rtol=1e-4, atol=1e-6, msg=f"{name} {key} rank {rank}")
             if name == "medmoco":
                 assert torch.equal(got["queue"], ref["queue"])  # gathered keys, same order as one process
-                assert got["queue_ptr"] == ref["queue_ptr"] == WORLD * PER_RANK  # symmetric loss: the first view's keys enter
+                # symmetric loss: the first view's keys enter
+                assert got["queue_ptr"] == ref["queue_ptr"] == WORLD * PER_RANK
                 torch.testing.assert_close(got["running_cov"], ref["running_cov"])

@@ -18,8 +18,9 @@ from medssl.methods.base import Method, StepOutput, VisualPanel
 def _panel(scale: str, n: int, size: int, channels: int = 1, sd: int = 2) -> VisualPanel:
     g = torch.Generator().manual_seed(size)
     shape = (n, channels, *(size,) * sd)
-    return VisualPanel(scale, {"input": torch.rand(shape, generator=g), "mask": torch.rand(shape, generator=g) > 0.5,
-                               "reconstruction": torch.rand(shape, generator=g), "target": torch.rand(shape, generator=g)})
+    panels = {"input": torch.rand(shape, generator=g), "mask": torch.rand(shape, generator=g) > 0.5,
+              "reconstruction": torch.rand(shape, generator=g), "target": torch.rand(shape, generator=g)}
+    return VisualPanel(scale, panels)
 
 
 def test_grid_png_layout(tmp_path) -> None:

@@ -418,9 +418,11 @@ CASES = [
          ("(and 2 more unreadable file(s)); skip them with --skip-bad",)),
     Case("pretrain-unreadable-headers-skip-bad", lambda t: _pretrain_bad_headers(t, skip_bad=True), 0,
          ("skipped 3 unreadable item(s)",),
-         check=lambda t: None if _skipped(t) == ["bomb.png", "text.png", "zero.png"] else pytest.fail(str(_skipped(t)))),
+         check=lambda t: None if _skipped(t) == ["bomb.png", "text.png", "zero.png"]
+         else pytest.fail(str(_skipped(t)))),
     Case("pretrain-npz-label-2**40", _pretrain_npz_bomb, 2, ("x.npz: 'train_labels' holds label 1099511627776",)),
-    Case("pretrain-num-workers--1", _pretrain_set("data.num_workers=-1"), 2, ("data.num_workers must be >= 0, got -1",)),
+    Case("pretrain-num-workers--1", _pretrain_set("data.num_workers=-1"), 2,
+         ("data.num_workers must be >= 0, got -1",)),
     Case("pretrain-percentiles-reversed", _pretrain_set("data.intensity.percentiles=[99,1]"), 2,
          ("data.intensity.percentiles must be [low, high] with low < high",)),
     Case("pretrain-split-test", _pretrain_set("data.split=test"), 2,

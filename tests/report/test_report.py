@@ -151,7 +151,8 @@ def test_cli_report_and_headless_browser(tmp_path, capsys):
     run = _fake_run(tmp_path)
     assert main(["report", str(run)]) == 0
     assert "report written to" in capsys.readouterr().out
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    names = ("chromium", "chromium-browser", "google-chrome")
+    browser = next((shutil.which(b) for b in names if shutil.which(b)), None)
     if browser is None:
         pytest.skip("no headless browser installed (chromium / google-chrome)")
     dom = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",

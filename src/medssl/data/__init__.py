@@ -1,7 +1,8 @@
 """Datasets, readers, phantoms and splits.
 
 Entry point: :func:`open_dataset` turns a data spec string (``phantom2d``, ``npz:PATH``, ``folder:DIR``,
-``csv:FILE.csv``, ``isic2017:ROOT`` ...) into an :class:`ImageDataset`, whose items are dicts of tensors (``image``, ``index`` and, where
+``csv:FILE.csv``, ``isic2017:ROOT`` ...) into an :class:`ImageDataset`, whose items are dicts of tensors (``image``,
+``index`` and, where
 available, ``label`` and ``mask``) and whose per-item metadata (patient ids, splits, sources) lives on
 the dataset.
 """

@@ -125,7 +125,8 @@ class ItemCache:
                 _atomic_save(mask_p, mask)
             _atomic_save(img_p, image)
         except OSError as exc:
-            raise DataError(f"cannot write the data cache in {self.root}: {exc} (set data.cache_dir or data.cache=false)") from exc
+            raise DataError(f"cannot write the data cache in {self.root}: {exc} "
+                            "(set data.cache_dir or data.cache=false)") from exc
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:

@@ -164,7 +164,8 @@ class CbisDdsmDataset(ImageDataset):
             class_names = ["benign", "malignant"]
         elif chosen == "pathology4":
             order = ["mass_benign", "mass_malignant", "calc_benign", "calc_malignant"]
-            labels = np.array([order.index(f"{it['kind']}_{'malignant' if it['malignant'] else 'benign'}") for it in its])
+            names = [f"{it['kind']}_{'malignant' if it['malignant'] else 'benign'}" for it in its]
+            labels = np.array([order.index(n) for n in names])
             class_names = order
         else:
             labels = np.array([[int(m in it["margins"]) for m in MARGINS] for it in its])

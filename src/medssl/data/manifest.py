@@ -423,7 +423,8 @@ class CsvDataset(ImageDataset):
         return [str(self.files[index])]
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return load_file_image(self.files[index], self.intensity, self.spatial_dims, self.in_chans, self.image_size), None
+        image = load_file_image(self.files[index], self.intensity, self.spatial_dims, self.in_chans, self.image_size)
+        return image, None
 
 
 def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int, image_size: int) -> torch.Tensor:

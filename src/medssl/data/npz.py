@@ -75,7 +75,8 @@ class NpzDataset(ImageDataset):
             if geometry is not None and g != geometry:
                 raise DataError(
                     f"{self.path}: '{s}_images' has item shape {images[s].shape[1:]} / dtype {images[s].dtype}, "
-                    f"unlike '{SPLIT_NAMES[0]}_images' ({images[SPLIT_NAMES[0]].shape[1:]} / {images[SPLIT_NAMES[0]].dtype})"
+                    f"unlike '{SPLIT_NAMES[0]}_images' "
+                    f"({images[SPLIT_NAMES[0]].shape[1:]} / {images[SPLIT_NAMES[0]].dtype})"
                 )
             geometry = g
         assert geometry is not None

@@ -34,7 +34,8 @@ import numpy as np
 from medssl.checks import FieldError, check_choice, check_range
 from medssl.errors import DataError
 
-__all__ = ["IntensityConfig", "ReadResult", "read_file", "to_unit_range", "INTENSITY_MODES", "IMAGE_SUFFIXES", "VOLUME_SUFFIXES"]
+__all__ = ["IntensityConfig", "ReadResult", "read_file", "to_unit_range", "INTENSITY_MODES", "IMAGE_SUFFIXES",
+           "VOLUME_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -528,7 +529,8 @@ def _dicom_to_result(ds: Any, path: Path, arr: np.ndarray) -> ReadResult:
         dims = 2
     modality = str(getattr(ds, "Modality", "") or "") or None
     spacing = _dicom_spacing(ds, frames=n_frames > 1)
-    return ReadResult(np.ascontiguousarray(arr, dtype=np.float32), dims, spacing, bits, window, modality, str(path), voi)
+    pixels = np.ascontiguousarray(arr, dtype=np.float32)
+    return ReadResult(pixels, dims, spacing, bits, window, modality, str(path), voi)
 
 
 def _looks_ybr(arr: np.ndarray) -> bool:
@@ -584,8 +586,10 @@ def read_dicom_series(folder: Path) -> ReadResult:
             raise DataError(f"{folder}: several slices share one position (duplicate slices in the series)")
     else:
         inst = [_first(getattr(ds, "InstanceNumber", None)) for _, ds in slices]
-        order = np.argsort(np.array([i if i is not None else k for k, i in enumerate(inst)], dtype=float), kind="stable")
-        dz = _first(getattr(slices[0][1], "SpacingBetweenSlices", None)) or _first(getattr(slices[0][1], "SliceThickness", None))
+        numbers = np.array([i if i is not None else k for k, i in enumerate(inst)], dtype=float)
+        order = np.argsort(numbers, kind="stable")
+        first = slices[0][1]
+        dz = _first(getattr(first, "SpacingBetweenSlices", None)) or _first(getattr(first, "SliceThickness", None))
     planes = []
     first = None
     for k in order:
@@ -619,8 +623,10 @@ def _volume_layout(arr: np.ndarray, path: Path, spacing: tuple[float, ...], chan
     if len(spatial) == 3 and spatial[0] == 1:
         arr, spatial, spacing = arr[:, 0], spatial[1:], spacing[1:]
     if len(spatial) not in (2, 3) or min(spatial) < 1:
-        raise DataError(f"{path}: expected a 2D image or 3D volume, got spatial shape {spatial} with {chans} channel(s)")
-    return ReadResult(np.ascontiguousarray(arr, dtype=np.float32), len(spatial), tuple(float(s) for s in spacing[-len(spatial):]),
+        raise DataError(f"{path}: expected a 2D image or 3D volume, "
+                        f"got spatial shape {spatial} with {chans} channel(s)")
+    voxel = tuple(float(s) for s in spacing[-len(spatial):])
+    return ReadResult(np.ascontiguousarray(arr, dtype=np.float32), len(spatial), voxel,
                       None, None, None, str(path))
 
 
@@ -670,7 +676,8 @@ def read_nifti(path: Path) -> ReadResult:
             )
         arr = np.transpose(data, (2, 1, 0, 3))[:, ::-1, :, :]
         return _volume_layout(arr, path, (zooms[2], zooms[1], zooms[0]), channels_last=True)
-    raise DataError(f"{path}: NIfTI with unsupported dimensions {shape} (expected 3D, or 4D with ≤ {_MAX_CHANNELS} channels)")
+    raise DataError(f"{path}: NIfTI with unsupported dimensions {shape} "
+                    f"(expected 3D, or 4D with ≤ {_MAX_CHANNELS} channels)")
 
 
 def read_itk(path: Path) -> ReadResult:
@@ -757,7 +764,8 @@ def to_unit_range(
         elif result.window is not None:
             c, w = result.window
         else:
-            raise DataError(f"{result.source}: intensity mode 'window' needs a window: the file has none, pass one (centre, width)")
+            raise DataError(f"{result.source}: intensity mode 'window' needs a window: "
+                            "the file has none, pass one (centre, width)")
         # DICOM PS3.3 C.11.2.1.2.1 linear window
         w = max(w, 1.0) if w >= 1 else max(w, 1e-6)
         y = (x - (c - 0.5)) / max(w - 1.0, 1e-6) + 0.5 if w > 1 else (x - c) / w + 0.5
