@@ -16,6 +16,8 @@ Arms (run alternately, seed by seed, so load on a shared machine hits both alike
 * ``medssl-splitbn`` — ``medssl`` with BatchNorm split per view (diagnosis: see :class:`SplitBN`);
 * ``medssl-defaults`` — ``medssl.pretrain("mocov2", ...)`` with only data, image size, batch, steps and seed set:
   what a user's first run gets;
+* ``medssl-olddefaults`` — the same with the defaults before issue 20 set explicitly (lr 0.03 at every batch,
+  blur sigma (0.1, 2) px at every size, timm's zero-initialised last BN of each block);
 * ``medssl-recipe:NAME`` — a bundled recipe (e.g. ``mocov2_small_cpu``) with data, image size, steps and seed
   set (its own batch size unless ``--batch-size`` is given explicitly);
 * ``random`` and ``pixels`` — a randomly initialised backbone and the raw pixels (as the models see them,
@@ -282,9 +284,13 @@ def run_lightly(a: argparse.Namespace, seed: int, data: dict[str, Any]) -> tuple
         opt.step()
         step += 1
         if step % 50 == 0 or step == a.steps:
-            print(f"lightly step {step}/{a.steps} loss {float(loss):.3f}", flush=True)
+            print(f"lightly step {step}/{a.steps} loss {loss.item():.3f}", flush=True)
+    from medssl.eval.collapse import collapse_stats
+
+    st = collapse_stats(torch.cat([q0, q1]).detach())  # the last step's projector outputs, as medssl logs them
     backbone.eval()
-    return (lambda im: backbone((im - 0.5) / 0.5)), {"metrics": {"loss": float(loss)}}
+    return (lambda im: backbone((im - 0.5) / 0.5)), {"metrics": {
+        "loss": float(loss), "projector_eff_rank": st.effective_rank, "projector_std": st.std}}
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -299,6 +305,10 @@ def run_arm(arm: str, a: argparse.Namespace, seed: int, data: dict[str, Any], ro
     if arm == "medssl-defaults":
         return run_medssl(a, seed, root / f"defaults-{seed}", overrides=[
             f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}"])
+    if arm == "medssl-olddefaults":  # the defaults before issue 20
+        return run_medssl(a, seed, root / f"olddefaults-{seed}", overrides=[
+            f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}",
+            "optim.lr=0.03", "views.blur_sigma=[0.1,2.0]", "model.zero_init_last=true"])
     if arm.startswith("medssl-recipe:"):
         name = arm.split(":", 1)[1]
         ov = [f"data.image_size={a.image_size}", f"train.max_steps={a.steps}"]
