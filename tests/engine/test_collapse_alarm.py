@@ -37,6 +37,32 @@ def test_rank_threshold_is_a_fraction_of_the_largest_possible_rank():
     assert not half.reasons(_stats(5.1), {"projector": (11, 128)})
 
 
+def test_the_rank_of_the_normalised_embeddings_wins_when_logged():
+    alarm = CollapseAlarm(rank_fraction=0.02, min_std=0.05, patience=1)
+    # raw rank ~1 (one dominant direction of the norms) but the directions spread: not collapsed
+    assert not alarm.reasons({**_stats(1.2, 0.56), "projector_eff_rank_l2": 30.0}, SHAPE)
+    assert alarm.reasons({**_stats(60.0, 0.56), "projector_eff_rank_l2": 1.5}, SHAPE) == [
+        "projector effective rank 1.50 < 0.02 x 127"]
+
+
+def test_l2_rank_column_is_the_rank_of_normalised_rows():
+    import torch
+
+    from medssl.engine.metrics import _collapse_update
+    from medssl.eval.collapse import effective_rank
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.ones(8) + 0.5 * torch.randn(64, 8, generator=g)  # spread around one mean direction
+    z = direction * torch.logspace(0, 3, 64)[:, None]  # norms over 3 decades: their variance dominates
+    cols = _collapse_update({"projector": z}, 2, 10, 2, {}, CollapseAlarm(patience=1))
+    zn = z / z.norm(dim=1, keepdim=True)
+    cov = torch.cov(zn.double().T)
+    expected = effective_rank(torch.linalg.eigvalsh(cov).flip(0).clamp_min(0).numpy())
+    assert abs(cols["projector_eff_rank_l2"] - expected) < 1e-6
+    assert cols["projector_eff_rank"] + 2.0 < cols["projector_eff_rank_l2"], cols
+    assert cols[ALARM_COLUMN] == 0
+
+
 def test_std_threshold_and_backbone_not_watched():
     alarm = CollapseAlarm(rank_fraction=0.0, min_std=0.05, patience=1)
     assert alarm.reasons(_stats(50.0, std=0.049), SHAPE) == ["projector std 0.049 < 0.05"]
@@ -117,6 +143,7 @@ def test_alarm_fires_on_a_collapsing_run_and_stop_on_collapse_stops_it(tmp_path,
     stop_step = int(rows[-1]["step"])
     assert stop_step < 40 and stop_step == 2 * 3  # patience 3 diagnostics every 2 steps, collapsed from the first
     assert float(rows[-1]["projector_std"]) < 0.05
+    assert float(rows[-1]["projector_eff_rank_l2"]) < 0.02 * 31
     assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
 
     from medssl.report.html import build_report

@@ -5,8 +5,9 @@ effective rank and the normalised std of the embeddings a method reports. The al
 the loss acts on — ``projector`` and names ending in ``projector`` or ``head`` (CASS's ``cnn_head`` /
 ``vit_head``) — not the backbone features. A diagnostic is *collapsed* when, for any watched embedding,
 
-* the effective rank is below ``train.collapse_alarm_rank`` × its largest possible value ``min(d, N − 1)``
-  (``d`` the width, ``N`` the samples measured), or
+* the effective rank of its L2-normalised rows (what the loss sees; the ``<name>_eff_rank_l2`` column) is
+  below ``train.collapse_alarm_rank`` × its largest possible value ``min(d, N − 1)`` (``d`` the width, ``N``
+  the samples measured), or
 * the std of the L2-normalised embeddings × √d is below ``train.collapse_alarm_std`` (≈ 1 when spread over the
   sphere, 0 when every image maps to one point).
 
@@ -29,6 +30,10 @@ log = logging.getLogger("medssl")
 
 #: the metrics.csv column
 ALARM_COLUMN = "collapse_alarm"
+#: ``<name><suffix>``: the effective rank of the L2-normalised embeddings, the one the alarm reads. The raw
+#: ``<name>_eff_rank`` can be ~1 while the directions are spread (measured on real data, docs/evaluation.md):
+#: one dominant direction of the *norms* of unnormalised projector outputs, which the loss never sees.
+L2_RANK_SUFFIX = "_eff_rank_l2"
 
 CAUSES = (
     "the learning rate is too high for the batch size (try half; SGD lr scales ~linearly with the batch), "
@@ -71,13 +76,14 @@ class CollapseAlarm:
         return self.patience > 0 and (self.rank_fraction > 0 or self.min_std > 0)
 
     def reasons(self, stats: Mapping[str, float], shapes: Mapping[str, tuple[int, int]]) -> list[str]:
-        """Why this diagnostic counts as collapsed (empty: it does not). ``stats`` has ``<name>_eff_rank`` and
-        ``<name>_std``; ``shapes`` the ``(N, d)`` of each embedding measured."""
+        """Why this diagnostic counts as collapsed (empty: it does not). ``stats`` has ``<name>_eff_rank_l2``
+        (or, without it, ``<name>_eff_rank``) and ``<name>_std``; ``shapes`` the ``(N, d)`` of each embedding."""
         out = []
         for name, (n, d) in shapes.items():
             if not watched(name):
                 continue
-            rank, std = stats.get(f"{name}_eff_rank"), stats.get(f"{name}_std")
+            rank = stats.get(f"{name}{L2_RANK_SUFFIX}", stats.get(f"{name}_eff_rank"))
+            std = stats.get(f"{name}_std")
             top = max(min(d, n - 1), 1)
             if rank is not None and self.rank_fraction > 0 and rank < self.rank_fraction * top:
                 out.append(f"{name} effective rank {rank:.2f} < {self.rank_fraction:g} x {top}")

@@ -14,9 +14,10 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from medssl import distributed as dist_utils
-from medssl.engine.alarm import ALARM_COLUMN, CollapseAlarm, watched
+from medssl.engine.alarm import ALARM_COLUMN, L2_RANK_SUFFIX, CollapseAlarm, watched
 from medssl.engine.logging import MetricsCSV, Progress
 
 log = logging.getLogger("medssl")
@@ -32,11 +33,16 @@ def _collapse_update(embeddings: dict[str, torch.Tensor], step: int, total_steps
     from medssl.eval.collapse import collapse_columns, collapse_logs
 
     cols = {c: pending.get(c, "") for c in collapse_columns(list(embeddings))}
-    if alarm is not None and alarm.enabled and any(watched(n) for n in embeddings):
+    alarmed = [n for n in embeddings if watched(n)] if alarm is not None and alarm.enabled else []
+    for n in alarmed:
+        cols[f"{n}{L2_RANK_SUFFIX}"] = pending.get(f"{n}{L2_RANK_SUFFIX}", "")
+    if alarmed:
         cols[ALARM_COLUMN] = pending.get(ALARM_COLUMN, "")
     if step % every == 0 or step == total_steps:
         gathered = {k: dist_utils.gather(v.detach(), with_grad=False) for k, v in embeddings.items()}
         stats = collapse_logs(gathered)
+        for n in alarmed:  # the rank of what the loss sees: the L2-normalised embeddings
+            stats[f"{n}{L2_RANK_SUFFIX}"] = collapse_logs({n: F.normalize(gathered[n].float(), dim=1)})[f"{n}_eff_rank"]
         cols.update(stats)
         if alarm is not None:
             shapes = {k: (int(v.shape[0]), int(v.shape[1])) for k, v in gathered.items()}

@@ -111,6 +111,8 @@ def _collapse_section(cols: dict[str, np.ndarray], eval_dirs: Sequence[Path]) ->
                          "augmentation too strong for the image size, batch or queue too small.</p>")
     if cols and "step" in cols:
         ranks = {k.removesuffix("_eff_rank"): v for k, v in cols.items() if k.endswith("_eff_rank")}
+        ranks.update({k.removesuffix("_eff_rank_l2") + " (L2-normalised)": v for k, v in cols.items()
+                      if k.endswith("_eff_rank_l2")})
         stds = {k.removesuffix("_std"): v for k, v in cols.items() if k.endswith("_std") and k != "embedding_std"}
         png = line_plot(cols["step"], ranks, title="effective rank of the embeddings", ylabel="effective rank")
         if png:
