@@ -336,15 +336,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         for k in keys:
             v = np.array([r["scores"][k] for r in rs if k in r["scores"]], dtype=float)
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
-        fired = sum(bool(r.get("metrics", {}).get("alarm_fired")) for r in rs)
+        watched = [r for r in rs if "alarm_fired" in (r.get("metrics") or {})]
+        fired = f"{sum(bool(r['metrics']['alarm_fired']) for r in watched)}/{len(watched)}" if watched else "—"
         secs = np.mean([r["pretrain_s"] for r in rs])
-        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {secs:.0f} | {fired}/{len(rs)} |")
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {secs:.0f} | {fired} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="any labelled spec (npz:, folder:, csv:) or an unlabelled one "
+    table_only = "--table" in (argv if argv is not None else sys.argv)
+    p.add_argument("--data", required=not table_only, help="any labelled spec (npz:, folder:, csv:) or an "
+                   "unlabelled one "
                    "with --pairs")
     p.add_argument("--pairs", type=Path, help="an npz of pairs (a, b, similar): score by pair AUC")
     p.add_argument("--arms", nargs="+", default=["medssl", "lightly"])
@@ -373,7 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="", help="a label stored with every result line")
     p.add_argument("--out", type=Path, default=HERE / "out" / "quality_vs_lightly.jsonl")
+    p.add_argument("--table", nargs="*", metavar="TAG", help="only print the table of the result lines in --out "
+                   "with these tags (no training)")
     a = p.parse_args(argv)
+    if a.table is not None:
+        rows = [json.loads(line) for line in a.out.open()]
+        print(table([r for r in rows if not a.table or r.get("tag") in a.table]))
+        return 0
     a.batch_size_given = a.batch_size is not None
     a.batch_size = a.batch_size or 64
     torch.set_num_threads(a.threads)
