@@ -143,7 +143,7 @@ def test_alarm_fires_on_a_collapsing_run_and_stop_on_collapse_stops_it(tmp_path,
     stop_step = int(rows[-1]["step"])
     assert stop_step < 40 and stop_step == 2 * 3  # patience 3 diagnostics every 2 steps, collapsed from the first
     assert float(rows[-1]["projector_std"]) < 0.05
-    assert float(rows[-1]["projector_eff_rank_l2"]) < 0.02 * 31
+    assert float(rows[-1]["projector_eff_rank_l2"]) < 1.5  # one direction
     assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
 
     from medssl.report.html import build_report
