@@ -240,7 +240,7 @@ class TrainConfig:
     deterministic: bool = False
     collapse_every_n_steps: int = 50
     collapse_alarm_rank: float = 0.015
-    collapse_alarm_std: float = 0.05
+    collapse_alarm_std: float = 0.1
     collapse_alarm_patience: int = 3
     stop_on_collapse: bool = False
     visualize_every_n_steps: int = 200

@@ -66,7 +66,7 @@ class CollapseAlarm:
     """
 
     rank_fraction: float = 0.015
-    min_std: float = 0.05
+    min_std: float = 0.1
     patience: int = 3
     streak: int = 0
     fired_at: list[int] = field(default_factory=list)
