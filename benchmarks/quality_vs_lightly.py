@@ -325,10 +325,12 @@ def run_arm(arm: str, a: argparse.Namespace, seed: int, data: dict[str, Any], ro
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Mean ± std over seeds per arm (a repeated (arm, seed) counts once: its last line)."""
+    rows = list({(r["arm"], r["seed"]): r for r in rows}.values())
     keys = sorted({k for r in rows for k in r["scores"]}, key=lambda k: (k.split("@")[0], float(k.split("@")[1])
                                                                         if "@" in k else 0))
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    lines = ["| arm | seeds | " + " | ".join(keys) + " | pretrain s | collapse alarm |",
+    lines = ["| arm | seeds | " + " | ".join(keys) + " | pretrain s | projector std at the end |",
              "|---|---|" + "---|" * (len(keys) + 2)]
     for arm in arms:
         rs = [r for r in rows if r["arm"] == arm]
@@ -336,8 +338,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         for k in keys:
             v = np.array([r["scores"][k] for r in rs if k in r["scores"]], dtype=float)
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
-        watched = [r for r in rs if "alarm_fired" in (r.get("metrics") or {})]
-        fired = f"{sum(bool(r['metrics']['alarm_fired']) for r in watched)}/{len(watched)}" if watched else "—"
+        stds = [float(r["metrics"]["projector_std"]) for r in rs if "projector_std" in (r.get("metrics") or {})]
+        fired = f"{np.mean(stds):.2f}" if stds else "—"
         secs = np.mean([r["pretrain_s"] for r in rs])
         lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {secs:.0f} | {fired} |")
     return "\n".join(lines)
