@@ -13,6 +13,12 @@ DataLoader plus the batched view augmentation the methods run (``ViewSampler``),
 Each cell is images (or volumes) per second, with 0, 1 and 2 DataLoader workers. The model is not run.
 "read only" counts only the time the loop waited for the DataLoader (with workers: the reading they could not
 hide behind the augmentation), so "cached ÷ no cache (read)" is what the cache saves the training loop.
+
+The 3D path (``--volumes3d N``, docs/volumes.md): ``N`` anisotropic NIfTI volumes (``--volume3d-shape`` at
+3 x 0.8 x 0.8 mm) read + resampled to ``--spacing`` + cut into ``--patch``³ crops (``data.volume_mode:
+patches``, half foreground-centred), cold (no cache) and cached, with ``samples_per_volume`` 1 and 4: volumes/s
+and crops/s, next to the time of one forward + backward pass of a 3D ResNet-10 on a batch of those crops (the
+floor of a 3D CPU training step), so the table says whether loading bounds the step.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def one_pass(spec: str, image_size: int, workers: int, cache_dir: Path | None, b
     from medssl.data.specs import open_from_config
     from medssl.transforms.views import ViewConfig, ViewSampler
 
-    dcfg = DataConfig(spec=spec, image_size=image_size, cache=cache_dir is not None,
+    dcfg = DataConfig(spec=spec, image_size=image_size, cache=cache_dir is not None, volume_mode="resize",
                       cache_dir=str(cache_dir) if cache_dir else None)
     ds = open_from_config(dcfg)
     views = ViewSampler(ViewConfig(), image_size, ds.spatial_dims)
@@ -140,6 +146,93 @@ def one_pass(spec: str, image_size: int, workers: int, cache_dir: Path | None, b
 
 def _collate(items: list[dict[str, Any]]) -> torch.Tensor:
     return torch.stack([it["image"] for it in items])
+
+
+def _collate_crops(items: list[dict[str, Any]]) -> torch.Tensor:
+    return torch.cat([it["image"] for it in items])
+
+
+def make_anisotropic_niftis(folder: Path, n: int, shape: tuple[int, int, int]) -> list[Path]:
+    """``n`` (D, H, W) volumes at 3 x 0.8 x 0.8 mm (z, y, x), stored LPS as many scanners write them."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    body = (((zz / 0.9) ** 2 + yy**2 + xx**2) < 0.7).astype(np.float32) * 800
+    affine = np.diag([-0.8, -0.8, 3.0, 1.0])
+    out = []
+    for i in range(n):
+        vol = (body + rng.normal(0, 30, shape)).astype(np.int16).transpose(2, 1, 0)  # (x, y, z) on disk
+        p = folder / f"vol{i:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, affine), p)
+        out.append(p)
+    return out
+
+
+def volume_pass(spec: str, spacing: float, patch: int, spv: int, workers: int, cache_dir: Path | None,
+                crops_per_batch: int) -> tuple[float, int, int]:
+    """Seconds for one pass of the 3D patch path (read + resample + sample ``spv`` crops per volume), volumes and
+    crops read."""
+    from medssl.config import DataConfig
+    from medssl.data.patches import PatchDataset, PatchSampling
+    from medssl.data.specs import open_from_config
+
+    dcfg = DataConfig(spec=spec, spacing=spacing, volume_mode="patches", patch_size=patch, samples_per_volume=spv,
+                      cache=cache_dir is not None, cache_dir=str(cache_dir) if cache_dir else None)
+    ds = PatchDataset(open_from_config(dcfg), PatchSampling(tuple(dcfg.patch_size), spv, 0.5, 0.1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=max(1, crops_per_batch // spv), num_workers=workers,
+                                         shuffle=False, persistent_workers=False, collate_fn=_collate_crops)
+    t0 = time.perf_counter()
+    n_vol = n_crops = 0
+    for crops in loader:
+        n_crops += crops.shape[0]
+        n_vol += crops.shape[0] // spv
+    return time.perf_counter() - t0, n_vol, n_crops
+
+
+def step_seconds(patch: int, batch: int, repeats: int = 3) -> float:
+    """Median seconds of one forward + backward of a 3D ResNet-10 on ``batch`` crops of ``patch``³ (the floor of a
+    3D training step; methods add their heads, views and optimiser)."""
+    from medssl.encoders import random_encoder
+
+    enc = random_encoder("resnet10_3d", in_chans=1, image_size=patch, spatial_dims=3).train()
+    x = torch.rand(batch, 1, patch, patch, patch)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        enc(x).sum().backward()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def run_3d(args: argparse.Namespace) -> list[dict[str, Any]]:
+    tmp = Path(tempfile.mkdtemp(prefix="medssl-bench-vol-"))
+    shape = tuple(int(v) for v in args.volume3d_shape.split("x"))
+    rows = []
+    try:
+        files = make_anisotropic_niftis(tmp / "nii", args.volumes3d, shape)  # type: ignore[arg-type]
+        spec = f"csv:{write_manifest(files, tmp / 'vols.csv')}"
+        step = step_seconds(args.patch, args.batch_size)
+        for spv in (1, 4):
+            for workers in args.workers:
+                cache = tmp / f"cache-{spv}-{workers}"
+                t_cold, n_vol, n_crops = volume_pass(spec, args.spacing, args.patch, spv, workers, None,
+                                                     args.batch_size)
+                volume_pass(spec, args.spacing, args.patch, spv, workers, cache, args.batch_size)
+                t_hit, _, _ = volume_pass(spec, args.spacing, args.patch, spv, workers, cache, args.batch_size)
+                shutil.rmtree(cache, ignore_errors=True)
+                rows.append({"format": f"NIfTI {args.volume3d_shape} @ 3x0.8x0.8 mm -> {args.spacing:g} mm, "
+                                       f"{args.patch}^3 patches", "samples_per_volume": spv, "workers": workers,
+                             "volumes": n_vol, "crops": n_crops,
+                             "cold_volumes_per_s": n_vol / t_cold, "cached_volumes_per_s": n_vol / t_hit,
+                             "cold_crops_per_s": n_crops / t_cold, "cached_crops_per_s": n_crops / t_hit,
+                             "step_s": step, "step_crops_per_s": args.batch_size / step,
+                             "loading_bounds_step_cold": n_crops / t_cold < args.batch_size / step,
+                             "loading_bounds_step_cached": n_crops / t_hit < args.batch_size / step})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -181,13 +274,30 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--volumes3d", type=int, default=0, help="3D patch path: number of volumes (0 = skip)")
+    ap.add_argument("--only3d", action="store_true", help="run the 3D patch path only")
+    ap.add_argument("--volume3d-shape", default="48x192x192", help="3D source shape DxHxW (3 x 0.8 x 0.8 mm)")
+    ap.add_argument("--spacing", type=float, default=1.5, help="3D: data.spacing (isotropic, mm)")
+    ap.add_argument("--patch", type=int, default=64, help="3D: patch side in voxels")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows = run(args)
+    rows = [] if args.only3d else run(args)
+    rows3d = run_3d(args) if args.volumes3d or args.only3d else []
     if args.json:
         print(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "rows": rows}))
+                          "torch": torch.__version__, "rows": rows, "rows_3d": rows3d}))
         return
+    if rows3d:
+        print("| 3D source | samples / volume | workers | volumes/s cold | volumes/s cached | crops/s cold | "
+              "crops/s cached | 3D ResNet-10 fwd+bwd crops/s | loading bounds the step (cold / cached) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows3d:
+            print(f"| {r['format']} | {r['samples_per_volume']} | {r['workers']} | {r['cold_volumes_per_s']:.2f} | "
+                  f"{r['cached_volumes_per_s']:.2f} | {r['cold_crops_per_s']:.2f} | {r['cached_crops_per_s']:.2f} | "
+                  f"{r['step_crops_per_s']:.2f} | {'yes' if r['loading_bounds_step_cold'] else 'no'} / "
+                  f"{'yes' if r['loading_bounds_step_cached'] else 'no'} |")
+        if not rows:
+            return
     print("| format | workers | items | no cache /s | first pass (fill) /s | cached /s | cached ÷ no cache | "
           "read only, no cache /s | read only, cached /s | cached ÷ no cache (read) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -35,8 +35,8 @@ import torch
 
 from medssl.errors import MedsslError
 
-METHODS_2D = ("mocov2", "medmoco", "gravis", "mae", "miram", "cnnmim", "cass")
-METHODS_3D = ("mocov2", "medmoco", "mae", "cnnmim")
+METHODS_2D = ("mocov2", "medmoco", "gravis", "mae", "miram", "cnnmim", "cass", "dino", "mocov3", "simmim")
+METHODS_3D = ("mocov2", "medmoco", "mae", "cnnmim", "dino")
 #: the random-init baselines: one CNN, one ViT (the families the methods above train)
 BASELINES_2D = {"resnet18": "resnet18", "vit_tiny": "vit_tiny_patch16_224"}
 BASELINES_3D = {"resnet18_3d": "resnet18", "vit_tiny_3d": "vit_tiny_3d"}

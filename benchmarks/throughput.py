@@ -16,14 +16,16 @@ with medians compared, because sequential timing on a shared machine drifts by �
   the masked input. cass: CNN and ViT forward + backward on the same image.
 * ``medssl``: medssl's full training step as the trainer runs it: batched view generation, masks, loss,
   optimiser step and ``after_optimizer_step`` (EMA, queue). ``overhead_ratio`` = this ÷ floor.
-* ``medssl_model`` (mocov2, mae): medssl's step on the same pre-made views as the floor and lightly, without
+* ``medssl_model`` (mocov2, mae, dino): medssl's step on the same pre-made views as the floor and lightly, without
   view generation: the model-for-model comparison. ``model_overhead_ratio`` = this ÷ floor.
-* ``lightly`` (mocov2, mae; when lightly is installed): lightly's building blocks doing the same work on the
+* ``lightly`` (mocov2, mae, dino; when lightly is installed): lightly's building blocks doing the same work on the
   same pre-made views, same backbone instance type, batch, size and threads. MoCo v2: ``MoCoProjectionHead``,
   ``NTXentLoss`` with a memory bank of the same size and τ, ``update_momentum`` for both key modules,
   symmetric (query on both views, key on both views) like medssl. MAE: ``MaskedVisionTransformerTIMM`` around
   the same timm ViT, ``MaskedVisionTransformerDecoderTIMM`` of the same width / depth / heads, lightly's
-  ``random_token_mask``, norm-pix MSE on the masked patches. ``ratio_vs_lightly`` = lightly step time ÷
+  ``random_token_mask``, norm-pix MSE on the masked patches. DINO: the same backbone with lightly's
+  ``DINOProjectionHead`` (same widths) and ``DINOLoss`` (same temperatures, centre momentum), teacher by
+  ``update_momentum``, on the same pre-made crops. ``ratio_vs_lightly`` = lightly step time ÷
   medssl-model step time (> 1: medssl is faster).
 
 Every contender uses the same optimiser (medssl's ``build_optimizer``: SGD for mocov2, AdamW for mae) and the
@@ -60,8 +62,9 @@ from medssl.transforms.masking import upsample_mask
 
 Step = Callable[[], None]
 #: methods with a floor (and, for the first two, a lightly counterpart and a model-only medssl step)
-METHODS = ("mocov2", "mae", "medmoco", "gravis", "cnnmim", "cass")
-DEFAULT_BACKBONE = {"mae": "vit_small_patch16_224"}
+METHODS = ("mocov2", "mae", "medmoco", "gravis", "cnnmim", "cass", "dino", "mocov3", "simmim")
+DEFAULT_BACKBONE = {"mae": "vit_small_patch16_224", "mocov3": "vit_small_patch16_224",
+                    "simmim": "vit_small_patch16_224"}
 
 
 def has_lightly() -> bool:
@@ -103,8 +106,13 @@ class Setup:
 
 
 def _config(method: str, args: argparse.Namespace, overrides: list[str] | None = None) -> Any:
+    overrides = list(overrides or [])
+    if method == "cnnmim" and not any(o.startswith("method.mask_patch_size=") for o in overrides):
+        # cnnmim's mask unit defaults to the encoder's total stride (32 px), which leaves small benchmark images
+        # one unit; the step's cost does not depend on the unit size, so use a 4x4 grid at any size here
+        overrides.append(f"method.mask_patch_size={max(1, args.image_size // 4)}")
     return make_config(method=method, data="phantom2d", image_size=args.image_size, backbone=args.backbone,
-                       overrides=overrides or [])
+                       overrides=overrides)
 
 
 def _method(name: str, args: argparse.Namespace, overrides: list[str] | None = None) -> tuple[nn.Module, Any]:
@@ -393,6 +401,134 @@ def cass_floor(args: argparse.Namespace, s: Setup, v: torch.Tensor) -> Step:
     return step
 
 
+# -- comparators: DINO, MoCo v3, SimMIM ----------------------------------------------------------------------
+DINO_SMALL = ["method.out_dim=4096", "method.local_crops=4"]
+
+
+def dino_crops(args: argparse.Namespace, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m, _ = _method("dino", args, DINO_SMALL)
+    glob, loc = m.crops(x)
+    assert loc is not None
+    return glob, loc
+
+
+def dino_floor(args: argparse.Namespace, s: Setup, glob: torch.Tensor, loc: torch.Tensor) -> Step:
+    """Student (backbone + head) fwd + bwd on global and local crops, teacher fwd on the global crops."""
+    m, cfg = _method("dino", args, DINO_SMALL)
+    student = s.prepare(nn.Sequential(m.backbone, m.head))
+    teacher = s.prepare(nn.Sequential(m.teacher_backbone, m.teacher_head))
+    opt = _optimizer([(n, p) for n, p in student.named_parameters() if p.requires_grad], cfg, float(cfg.optim.lr))
+    glob, loc = s.images(glob), s.images(loc)
+
+    def step() -> None:
+        with s.autocast():
+            a, b = student(glob), student(loc)
+            with torch.no_grad():
+                teacher(glob)
+        (a.float().square().mean() + b.float().square().mean()).backward()
+        _opt_step([opt])
+
+    return step
+
+
+def dino_model_step(args: argparse.Namespace, s: Setup, glob: torch.Tensor, loc: torch.Tensor) -> Step:
+    """medssl's DINO on pre-made crops: student, teacher, loss, optimiser, EMA + centre update."""
+    method, cfg = _method("dino", args, DINO_SMALL + ["method.freeze_last_layer=0"])
+    method = s.prepare(method)
+    opt = _optimizer(method.parameter_sets()["main"], cfg, float(cfg.optim.lr))
+    glob, loc = s.images(glob), s.images(loc)
+
+    def step() -> None:
+        with s.autocast():
+            out = method.crops_step(glob, loc)
+        out.loss.backward()
+        _opt_step([opt])
+        method.after_optimizer_step(0, 10**6)
+
+    return step
+
+
+def lightly_dino_step(args: argparse.Namespace, s: Setup, glob: torch.Tensor, loc: torch.Tensor) -> Step:
+    """lightly's DINO building blocks around the same backbone, same head widths and temperatures."""
+    import copy
+
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    m, cfg = _method("dino", args, DINO_SMALL)
+    hp = m.hparams
+    d = m.head.mlp[0].in_features
+
+    class DINO(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student_backbone = m.backbone
+            self.student_head = DINOProjectionHead(d, hp.hidden_dim, hp.bottleneck_dim, hp.out_dim)
+            self.teacher_backbone = copy.deepcopy(m.backbone)
+            self.teacher_head = DINOProjectionHead(d, hp.hidden_dim, hp.bottleneck_dim, hp.out_dim)
+            deactivate_requires_grad(self.teacher_backbone)
+            deactivate_requires_grad(self.teacher_head)
+
+    model = s.prepare(DINO())
+    crit = DINOLoss(output_dim=hp.out_dim, warmup_teacher_temp=hp.warmup_teacher_temp, teacher_temp=hp.teacher_temp,
+                    warmup_teacher_temp_epochs=0, student_temp=hp.student_temp,
+                    center_momentum=hp.center_momentum).to(s.device)
+    opt = _optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg, float(cfg.optim.lr))
+    glob, loc = s.images(glob), s.images(loc)
+    n_loc = loc.shape[0] // (glob.shape[0] // 2)
+
+    def step() -> None:
+        update_momentum(model.student_backbone, model.teacher_backbone, m=hp.momentum)
+        update_momentum(model.student_head, model.teacher_head, m=hp.momentum)
+        with s.autocast():
+            with torch.no_grad():
+                t = model.teacher_head(model.teacher_backbone(glob)).chunk(2)
+            st = model.student_head(model.student_backbone(glob)).chunk(2)
+            sl = model.student_head(model.student_backbone(loc)).chunk(n_loc)
+            loss = crit([x.float() for x in t], [x.float() for x in st + sl], epoch=0)
+        loss.backward()
+        _opt_step([opt])
+
+    return step
+
+
+def mocov3_floor(args: argparse.Namespace, s: Setup, v1: torch.Tensor, v2: torch.Tensor) -> Step:
+    """Query encoder (backbone + projector + predictor) fwd + bwd on both views, key encoder fwd on both."""
+    m, cfg = _method("mocov3", args)
+    query = s.prepare(nn.Sequential(m.backbone, m.projector, m.predictor))
+    key = s.prepare(nn.Sequential(m.key_backbone, m.key_projector))
+    opt = _optimizer([(n, p) for n, p in query.named_parameters() if p.requires_grad], cfg, float(cfg.optim.lr))
+    both = s.images(torch.cat([v1, v2]))
+
+    def step() -> None:
+        with s.autocast():
+            q = query(both)
+            with torch.no_grad():
+                key(both)
+        q.float().square().mean().backward()
+        _opt_step([opt])
+
+    return step
+
+
+def simmim_floor(args: argparse.Namespace, s: Setup, v: torch.Tensor) -> Step:
+    """The ViT over every patch token (timm's own forward) + a linear head on the tokens, optimiser step."""
+    m, cfg = _method("simmim", args)
+    parts = s.prepare(nn.ModuleDict({"vit": m.encoder.vit, "head": m.head}))
+    opt = _optimizer(list(parts.named_parameters()), cfg, float(cfg.optim.lr))
+    v = s.images(v)
+
+    def step() -> None:
+        with s.autocast():
+            tokens = parts["vit"].forward_features(v)
+            pred = parts["head"](tokens[:, 1:])
+        pred.float().abs().mean().backward()
+        _opt_step([opt])
+
+    return step
+
+
 # -- augmentation cost ----------------------------------------------------------------------------------------
 def augmentation_ms(method: str, args: argparse.Namespace, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median ms per batch of two views (mocov2) / one view (mae): medssl batched vs lightly per-image PIL."""
@@ -437,7 +573,8 @@ def build_contenders(args: argparse.Namespace, s: Setup, base: Setup, x: torch.T
 
     name = args.method
     torch.manual_seed(1)
-    sampler: ViewSampler = _method(name, args, _mae_overrides(args) if name == "mae" else None)[0].views
+    built = _method(name, args, _mae_overrides(args) if name == "mae" else DINO_SMALL if name == "dino" else None)[0]
+    sampler: ViewSampler = built.global_views if name == "dino" else built.views
     v1 = normalize(sampler(x).images)
     v2 = normalize(sampler(x).images)
     lightly = has_lightly() and not args.no_lightly
@@ -470,6 +607,19 @@ def build_contenders(args: argparse.Namespace, s: Setup, base: Setup, x: torch.T
         c["medssl"] = medssl_full_step(name, args, s, x)
     elif name == "cass":
         c["floor"] = cass_floor(args, base, v1)
+        c["medssl"] = medssl_full_step(name, args, s, x)
+    elif name == "dino":
+        glob, loc = dino_crops(args, x)
+        c["floor"] = dino_floor(args, base, glob, loc)
+        c["medssl"] = medssl_full_step(name, args, s, x, DINO_SMALL)
+        c["medssl_model"] = dino_model_step(args, s, glob, loc)
+        if lightly:
+            c["lightly"] = lightly_dino_step(args, base, glob, loc)
+    elif name == "mocov3":
+        c["floor"] = mocov3_floor(args, base, v1, v2)
+        c["medssl"] = medssl_full_step(name, args, s, x)
+    elif name == "simmim":
+        c["floor"] = simmim_floor(args, base, v1)
         c["medssl"] = medssl_full_step(name, args, s, x)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(name)

@@ -61,7 +61,15 @@ def test_throughput_json_side_by_side_with_lightly(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["medmoco", "gravis", "cnnmim", "cass"])
+def test_throughput_dino_against_floor_and_lightly():
+    pytest.importorskip("lightly")
+    res = _throughput(["--method", "dino", *TINY, "--image-size", "32"])
+    _check_core(res)
+    assert res["ratio_vs_lightly"] == pytest.approx(res["step_s"]["lightly"] / res["step_s"]["medssl_model"], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["medmoco", "gravis", "cnnmim", "cass", "mocov3", "simmim"])
 def test_throughput_json_other_methods_against_their_floor(method):
     res = _throughput(["--method", method, *TINY, "--image-size", "32"])
     _check_core(res)
@@ -120,3 +128,36 @@ def test_dataloading_json_fields():
         # waiting for the loader is part of the pass: reading alone is at least as fast as the whole pass
         assert r["nocache_read_per_s"] >= r["nocache_per_s"] and r["cached_read_per_s"] >= r["cached_per_s"]
         assert r["speedup_cached_read"] == pytest.approx(r["cached_read_per_s"] / r["nocache_read_per_s"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_dataloading_3d_patch_path_json_fields():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dataloading.py"), "--only3d", "--volumes3d", "2",
+         "--volume3d-shape", "6x24x24", "--spacing", "2", "--patch", "8", "--batch-size", "4", "--workers", "0",
+         "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["rows"] == [] and {r["samples_per_volume"] for r in res["rows_3d"]} == {1, 4}
+    for r in res["rows_3d"]:
+        assert r["volumes"] == 2 and r["crops"] == 2 * r["samples_per_volume"]
+        assert r["cold_crops_per_s"] == pytest.approx(r["cold_volumes_per_s"] * r["samples_per_volume"], rel=1e-9)
+        assert r["step_s"] > 0 and isinstance(r["loading_bounds_step_cached"], bool)
+
+
+@pytest.mark.slow
+def test_fidelity_pair_runs_and_writes_json_and_markdown(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--pairs", "queue", "--steps", "1", "--seeds", "0",
+         "--fractions", "1.0", "--data", "phantom2d:96", "--image-size", "16", "--batch-size", "8", "--decorrelation",
+         "--decorrelation-images", "16", "--out", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "fidelity.json").read_text())
+    assert [r["variant"].split(":")[0] for r in res["rows"]] == ["before", "after"]
+    assert res["rows"][0]["overrides"][0] == "method.mask_own_keys=false"
+    assert set(res["decorrelation"]) >= {"raw", "zca groups of 64, pooled stats", "zca one group, feature-map stats"}
+    md = (tmp_path / "fidelity.md").read_text()
+    assert "| queue | mocov2 | before" in md and "AUC @ 1" in md

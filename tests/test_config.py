@@ -46,8 +46,8 @@ def test_layers_flags_and_overrides(tmp_path):
 
 
 def test_unknown_method_lists_available():
-    with pytest.raises(ConfigError, match="unknown method 'mocov3'.*mocov2"):
-        make_config(method="mocov3")
+    with pytest.raises(ConfigError, match="unknown method 'mocov4'.*mocov2"):
+        make_config(method="mocov4")
 
 
 def test_epochs_clears_max_steps():

@@ -121,6 +121,7 @@ def test_checkpoint_without_config_and_other_suffixes(tmp_path):
 
 
 def test_check_inits():
-    with pytest.raises(ConfigError, match="--init foo: expected one of random, imagenet"):
+    # anything but random / imagenet names weights (a file, timm:NAME, hf-hub:ORG/NAME): foo is a missing file
+    with pytest.raises(ConfigError, match="--init foo: file not found"):
         encoders.check_inits(["random", "foo"])
     assert encoders.check_inits(["random", "random"]) == ["random"]

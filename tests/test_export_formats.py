@@ -41,9 +41,11 @@ def _check_same_features(enc, result, shape):
     exec(result.snippet, ns)  # exactly the printed line
     model = ns["model"]
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    # MONAI's 3D arrays are medssl's with the spatial axes reversed ((R, A, S) vs (S, A, R))
+    theirs_x = x.permute(0, 1, 4, 3, 2) if x.ndim == 5 else x
     with torch.no_grad():
         ours = enc(x)
-        theirs = model(normalize(x))
+        theirs = model(normalize(theirs_x))
     if isinstance(theirs, tuple):
         theirs = theirs[0]
     assert theirs.shape == ours.shape
@@ -152,3 +154,50 @@ def test_out_may_not_be_a_file_of_the_run(tmp_path):
     res = export_weights(run / "exports" / "timm.safetensors", "timm", run=run)
     _check_same_features(enc, res, (2, 1, 32, 32))
     assert sorted(p.name for p in (run / "exports").iterdir()) == ["timm.safetensors"]
+
+
+def test_monai_export_gives_medssl_features_on_a_volume_loaded_the_monai_way(tmp_path):
+    """One NIfTI file (LPS, anisotropic), loaded by medssl (canonical (S, A, R), resampled, percentile-scaled)
+    into the medssl encoder, and by the printed MONAI transforms into the exported MONAI model: same features."""
+    pytest.importorskip("monai")
+    import nibabel as nib
+    import numpy as np
+
+    from medssl.config import DataConfig
+    from medssl.data.manifest import load_file_image
+    from medssl.data.readers import IntensityConfig
+    from medssl.export import volume_metadata
+
+    rng = np.random.default_rng(0)
+    vol = rng.random((30, 26, 11)).astype(np.float32) * 500  # x, y, z voxels of 0.7 x 0.8 x 2.5 mm
+    vol[5:20, 8:14, 3:7] += 800  # an asymmetric bright block: a transposed kernel would see it differently
+    aff = np.diag([-0.7, -0.8, 2.5, 1.0])  # LPS storage
+    aff[:3, 3] = [20.0, 30.0, -10.0]
+    nib.save(nib.Nifti1Image(vol, aff), tmp_path / "v.nii.gz")
+    data = DataConfig(spec="x", spacing=[2.0, 1.0, 1.5])
+    # the crop size must not shadow a ViT's token patch_size in the encoder metadata
+    crops = volume_metadata(DataConfig(spec="x", patch_size=16), 3)
+    assert crops["volume_patch_size"] == "16,16,16" and "patch_size" not in crops
+    meta = {"model_name": "resnet10_3d", "in_chans": 1, "image_size": 16, "stem": "default", "spatial_dims": 3,
+            **volume_metadata(data, 3)}
+    enc = _perturbed(random_encoder("resnet10_3d", in_chans=1, image_size=16, spatial_dims=3))
+    path = save_encoder(enc.backbone, tmp_path / "encoder.safetensors", meta)
+    res = export_weights(tmp_path / "m.safetensors", "monai", encoder_file=path)
+    assert res.preprocess and 'Orientation(axcodes="RAS")' in res.preprocess and "pixdim=(1.5, 1, 2)" in res.preprocess
+    m = st.safe_open(str(res.path), "pt").metadata()
+    assert m["axis_order"] == "RAS" and m["medssl_axis_order"] == "SAR" and m["spacing_xyz"] == "1.5,1,2"
+
+    ours_x = load_file_image(tmp_path / "v.nii.gz", IntensityConfig(), 3, 1, 16, spacing=(2.0, 1.0, 1.5),
+                             native_size=True)
+    ns: dict = {"path": str(tmp_path / "v.nii.gz")}
+    exec(res.snippet, ns)
+    exec(res.preprocess, ns)
+    theirs_x = ns["x"]
+    assert tuple(theirs_x.shape[2:]) == tuple(ours_x.shape[1:])[::-1]  # (R, A, S) vs (S, A, R)
+    torch.testing.assert_close((theirs_x[0] * 0.5 + 0.5).permute(0, 3, 2, 1).float(), ours_x, atol=2e-3, rtol=0)
+    with torch.no_grad():
+        ours = enc(ours_x[None])
+        theirs = ns["model"](theirs_x.as_tensor() if hasattr(theirs_x, "as_tensor") else theirs_x)
+        unpermuted = ns["model"](normalize(ours_x[None]))  # medssl's array straight into MONAI: not the same
+    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(unpermuted, ours, rtol=1e-3, atol=1e-3)

@@ -127,3 +127,25 @@ def test_unreadable_headers_in_a_folder_are_all_listed_and_skipped(tmp_path: Pat
     assert main([*argv, "--skip-bad"]) == 0
     with open(run / "skipped.csv", newline="") as f:
         assert sorted(Path(r["path"]).name for r in csv.DictReader(f)) == sorted(bad)
+
+
+def test_inspect_tabulates_orientation_spacing_and_warns_on_mixed_and_anisotropic(tmp_path: Path, capsys) -> None:
+    import nibabel as nib
+    import numpy as np
+    import SimpleITK as sitk
+
+    vol = np.random.default_rng(0).random((8, 10, 4)).astype(np.float32)  # x, y, z
+    nib.save(nib.Nifti1Image(vol, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "a.nii.gz")
+    img = sitk.GetImageFromArray(np.transpose(vol, (2, 1, 0)).copy())
+    img.SetSpacing((1.0, 1.0, 1.0))  # identity direction: LPS
+    sitk.WriteImage(img, str(tmp_path / "b.mha"))
+    (tmp_path / "v.csv").write_text("path\na.nii.gz\nb.mha\n")
+    assert main(["inspect", "--data", f"volumes:{tmp_path / 'v.csv'}"]) == 0
+    out = capsys.readouterr().out
+    assert "RAS x1, LPS x1" in out or "LPS x1, RAS x1" in out
+    assert "spacing range: z 1..3, y 0.5..1, x 0.5..1 mm" in out and "size range: z 4..12, y 5..10, x 4..8 mm" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("  mha") or ln.startswith("  nifti")]
+    assert ["mha", "LPS", "->", "RAS", "1", "(1,", "1,", "1)", "4x10x8", "4", "x", "10", "x", "8"] in rows
+    assert ["nifti", "RAS", "->", "RAS", "1", "(3,", "0.5,", "0.5)", "4x10x8", "12", "x", "5", "x", "4"] in rows
+    assert "warning: mixed orientations (" in out
+    assert "warning: extreme anisotropy in 1 volume(s): largest / smallest spacing up to 6.0" in out

@@ -92,14 +92,15 @@ def _add_pretrain(sub: Any, data_help: str) -> None:
 
 
 def _add_evaluate(sub: Any, data_help: str) -> None:
-    from medssl.encoders import DEVICE_HELP, INITS
+    from medssl.encoders import DEVICE_HELP, INIT_HELP
 
     names, protocol_help = protocol_choices()
     ev = sub.add_parser("evaluate", help="evaluate encoders at several label fractions and seeds")
     ev.add_argument("--run", help="run directory of a pretraining run")
     ev.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    ev.add_argument("--init", action="append", choices=INITS,
-                    help="baseline initialisation (repeatable); imagenet is skipped with a note when offline")
+    ev.add_argument("--init", action="append", metavar="INIT",
+                    help=f"baseline initialisation (repeatable): {INIT_HELP}; imagenet is skipped with a note "
+                         "when offline")
     ev.add_argument("--data", required=True, help=data_help)
     ev.add_argument("--task", help="label task where the dataset has several")
     ev.add_argument("--protocol", default="linear", choices=names, help=protocol_help)

@@ -14,14 +14,15 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     """Register the four sub-commands on ``medssl``'s sub-parser object."""
     from medssl.cli import protocol_choices
     from medssl.data.splits import SPLIT_NAMES
-    from medssl.encoders import DEVICE_HELP, INITS
+    from medssl.encoders import DEVICE_HELP, INIT_HELP
     from medssl.export_formats import FORMATS
 
     protocol_names, protocol_help = protocol_choices()
     cmp = sub.add_parser("compare", help="evaluate several runs and baselines with several protocols: one table")
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories to compare")
-    cmp.add_argument("--init", action="append", default=[], choices=INITS,
-                     help="baseline initialisation with the first run's backbone (repeatable); imagenet needs the "
+    cmp.add_argument("--init", action="append", default=[], metavar="INIT",
+                     help=f"baseline initialisation with the first run's backbone (repeatable): {INIT_HELP}; "
+                          "imagenet needs the "
                           "weights (network, HF cache or $MEDSSL_IMAGENET_WEIGHTS) and is skipped with a note "
                           "otherwise")
     cmp.add_argument("--data", required=True, help=data_help)
@@ -49,7 +50,7 @@ def add_parsers(sub: Any, floats: Callable[[str], list[float]], ints: Callable[[
     src = emb.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory")
     src.add_argument("--checkpoint", help="encoder .safetensors or training .ckpt")
-    src.add_argument("--init", choices=INITS, help="a baseline initialisation")
+    src.add_argument("--init", metavar="INIT", help=f"a baseline initialisation: {INIT_HELP}")
     emb.add_argument("--data", required=True, help=data_help)
     emb.add_argument("--task", help="label task where the dataset has several")
     emb.add_argument("--split", choices=SPLIT_NAMES, help="only this split (default: all items)")

@@ -46,7 +46,7 @@ def run_labels(runs: Sequence[str | Path]) -> list[str]:
 
 
 def _relabel(label: str, run_label: str) -> str:
-    if label in BASELINES:
+    if label in BASELINES or label.startswith("init:"):
         return label
     return f"{run_label}:{label.split(':', 1)[1]}" if ":" in label else run_label
 

@@ -32,6 +32,13 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 #: ``data.split`` values: which split pretraining reads.
 SPLIT_CHOICES = ("train", "train+val", "all")
+#: ``data.volume_mode`` values: how a 3D volume becomes pretraining input.
+VOLUME_MODES = ("patches", "resize")
+#: Largest ``data.patch_size`` side in voxels, and largest ``data.samples_per_volume``.
+MAX_PATCH_SIDE = 1024
+MAX_SAMPLES_PER_VOLUME = 64
+#: Bounds of a ``data.spacing`` value in mm.
+SPACING_RANGE_MM = (1e-3, 100.0)
 #: ``optim.name`` values.
 OPTIMIZERS = ("sgd", "adamw")
 #: Largest ``train.seed``: every rank seeds with ``seed + rank``, which NumPy needs below 2**32.
@@ -57,6 +64,11 @@ class ModelConfig:
         global_pool: ViT features for evaluation: ``token`` (class token) or ``avg`` (mean of the patch tokens
             after the final norm; the weights keep timm's key layout); ``None`` = the model's own (masked-image
             methods choose ``avg`` and record it here). Ignored by CNNs.
+        init_from: start the backbone from existing weights (continued pretraining): a local ``.safetensors``
+            (e.g. a medssl ``encoder.safetensors``) or ``.pth`` file, ``timm:NAME`` or ``hf-hub:ORG/NAME`` (read from
+            the local Hugging Face cache; nothing is downloaded). See :mod:`medssl.nn.init_from`.
+        init_adapt: how RGB first-layer filters become 1-channel ones: ``sum`` (timm's rule) or ``mean``.
+        init_inflate: inflate 2D convolution weights into a 3D backbone (I3D: repeat along depth, divide by it).
     """
 
     backbone: str = "resnet18"
@@ -65,6 +77,14 @@ class ModelConfig:
     zero_init_last: bool = False
     patch_size: int | None = None
     global_pool: str | None = None
+    init_from: str | None = None
+    init_adapt: str = "sum"
+    init_inflate: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("init_adapt", self.init_adapt, ("sum", "mean"))
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise FieldError("init_from", "is empty; give a weights file, timm:NAME or hf-hub:ORG/NAME")
 
 
 @dataclass
@@ -88,6 +108,19 @@ class DataConfig:
         follow_symlinks: ``folder:`` follows symlinked directories that lead out of the data root (by default
             they are skipped with a warning; symlinks within the root and file symlinks are always followed,
             and a symlink cycle is entered once).
+        spacing: 3D files: ``[z, y, x]`` voxel spacing in mm (one number = isotropic) every volume is resampled
+            to as soon as it is read (trilinear for images, nearest for masks), or ``native`` (no resampling).
+            The axes are medssl's ``(D, H, W) = (S, A, R)`` (docs/volumes.md).
+        volume_mode: 3D pretraining input: ``patches`` (random crops of ``patch_size`` voxels from the resampled
+            volume, the default) or ``resize`` (the whole volume resized to an ``image_size`` cube).
+            Evaluation always sees whole volumes.
+        patch_size: ``patches``: crop size in voxels, ``[z, y, x]`` or one side for a cube; ``None`` = the image
+            size cube. A volume smaller than a patch is zero-padded (centred).
+        samples_per_volume: ``patches``: crops drawn from one read of a volume (volumes are expensive to load);
+            ``train.batch_size`` counts crops and must be a multiple of it.
+        foreground_p: ``patches``: probability that a crop is centred on a foreground voxel (the mask where the
+            data has masks, else intensity above ``foreground_threshold``); the rest are uniform. 0 = uniform.
+        foreground_threshold: the ``[0, 1]`` intensity above which a voxel counts as foreground.
     """
 
     spec: str = "phantom2d"
@@ -101,6 +134,12 @@ class DataConfig:
     cache_dir: str | None = None
     splits: str | None = None
     follow_symlinks: bool = False
+    spacing: Any = "native"
+    volume_mode: str = "patches"
+    patch_size: Any = None
+    samples_per_volume: int = 1
+    foreground_p: float = 0.0
+    foreground_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
@@ -108,6 +147,55 @@ class DataConfig:
         check_range("image_size", self.image_size, ge=1, allow_none=True)
         check_range("num_workers", self.num_workers, ge=0)
         check_choice("split", self.split, SPLIT_CHOICES)
+        self.spacing = _spacing(self.spacing)
+        check_choice("volume_mode", self.volume_mode, VOLUME_MODES)
+        self.patch_size = _patch_size(self.patch_size)
+        check_range("samples_per_volume", self.samples_per_volume, ge=1, le=MAX_SAMPLES_PER_VOLUME)
+        check_range("foreground_p", self.foreground_p, ge=0, le=1)
+        check_range("foreground_threshold", self.foreground_threshold, ge=0, le=1)
+
+    @property
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """``spacing`` as a ``(z, y, x)`` tuple, ``None`` for ``native``."""
+        return None if self.spacing == "native" else tuple(self.spacing)  # type: ignore[return-value]
+
+
+def _three(name: str, value: Any, what: str) -> list[Any]:
+    """``value`` as three entries (one number is repeated), else a FieldError naming ``name``."""
+    if isinstance(value, list | tuple):
+        if len(value) != 3:
+            raise FieldError(name, f"must be {what}: one number or [z, y, x], got {list(value)!r}")
+        return list(value)
+    return [value] * 3
+
+
+def _spacing(value: Any) -> Any:
+    """``native`` or a ``[z, y, x]`` list of mm in :data:`SPACING_RANGE_MM`."""
+    if isinstance(value, str) and value.strip().lower() == "native":
+        return "native"
+    if value is None or isinstance(value, str | bool):
+        raise FieldError("spacing", f"must be 'native' or [z, y, x] in mm, got {value!r}")
+    lo, hi = SPACING_RANGE_MM
+    out = []
+    for v in _three("spacing", value, "voxel spacing in mm"):
+        check_range("spacing", v, ge=lo, le=hi)
+        out.append(float(v))
+    return out
+
+
+def _patch_size(value: Any) -> list[int] | None:
+    """``None`` or a ``[z, y, x]`` list of voxel counts in ``[2, MAX_PATCH_SIDE]``."""
+    if value is None:
+        return None
+    if isinstance(value, str | bool):
+        raise FieldError("patch_size", f"must be one number of voxels or [z, y, x], got {value!r}")
+    out = []
+    for v in _three("patch_size", value, "voxels"):
+        check_range("patch_size", v, ge=2, le=MAX_PATCH_SIDE)
+        if int(v) != v:
+            raise FieldError("patch_size", f"must be whole voxel counts, got {v!r}")
+        out.append(int(v))
+    return out
 
 
 @dataclass

@@ -42,7 +42,12 @@ NamedEncoder = tuple[str, "Encoder"]
 """``(label, encoder)``: the label names the encoder in result tables (``mocov2``, ``cass:vit``, ``random-init``)."""
 
 INITS = ("random", "imagenet")
-"""Baseline initialisations (``--init``)."""
+"""Baseline initialisations by name (``--init``); any other ``--init`` value names weights: a local file, ``timm:NAME``
+or ``hf-hub:ORG/NAME`` (:mod:`medssl.nn.init_from`), loaded into the backbone and labelled ``init:<name>``."""
+
+INIT_HELP = ("random, imagenet, or existing weights: a .safetensors / .pth file (e.g. a medssl encoder.safetensors), "
+             "timm:NAME or hf-hub:ORG/NAME from the local Hugging Face cache (nothing is downloaded)")
+"""The help of every ``--init`` option."""
 
 ALL_ENCODERS = (None, "both", "all")
 """``--encoder`` values that select every encoder of a multi-encoder run or checkpoint."""
@@ -104,9 +109,16 @@ def meta_value(meta: dict[str, str], key: str) -> str | None:
 
 
 def meta_int(meta: dict[str, str], key: str) -> int | None:
-    """An integer metadata value (``None`` when absent)."""
+    """An integer metadata value (``None`` when absent).
+
+    Raises:
+        CheckpointError: the value is not an integer (a hand-edited or foreign file).
+    """
     v = meta_value(meta, key)
-    return None if v is None else int(v)
+    try:
+        return None if v is None else int(v)
+    except ValueError:
+        raise CheckpointError(f"encoder metadata {key!r}: expected an integer, got {v!r}") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -294,8 +306,9 @@ def run_encoders(run: str | Path, which: str | None = None) -> tuple[list[NamedE
 
 def data_config(spec: str, run_cfg: dict[str, Any] | None = None, *, image_size: int | None = None,
                 task: str | None = None, splits: str | Path | None = None) -> DataConfig:
-    """The data settings to evaluate or embed ``spec`` with: the run's ``intensity`` / ``cache`` / ``cache_dir`` and
-    (unless ``image_size`` is given) ``image_size``; ``task`` and the split manifest ``splits`` as requested.
+    """The data settings to evaluate or embed ``spec`` with: the run's ``intensity`` / ``cache`` / ``cache_dir`` /
+    ``spacing`` (volumes are resampled as in pretraining) and (unless ``image_size`` is given) ``image_size``;
+    ``task`` and the split manifest ``splits`` as requested. Volumes are whole (``volume_mode: resize``).
 
     Raises:
         ConfigError: an invalid setting, naming the ``data.*`` key.
@@ -303,9 +316,10 @@ def data_config(spec: str, run_cfg: dict[str, Any] | None = None, *, image_size:
     from medssl.config import DataConfig, build_dataclass
 
     run_data = _section(run_cfg or {}, "data")
-    kept = {k: v for k, v in run_data.items() if k in ("intensity", "cache", "cache_dir")}
+    kept = {k: v for k, v in run_data.items() if k in ("intensity", "cache", "cache_dir", "spacing")}
     return build_dataclass(DataConfig, {**kept, "spec": spec, "image_size": image_size or run_data.get("image_size"),
-                                        "task": task, "splits": str(splits) if splits else None}, where="data")
+                                        "task": task, "splits": str(splits) if splits else None,
+                                        "volume_mode": "resize"}, where="data")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -339,7 +353,7 @@ def _method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any, Pret
     info = DataInfo(in_chans=ds.in_chans, spatial_dims=ds.spatial_dims,
                     image_size=int(cfg.data.image_size or ds.image_size),
                     num_samples=len(pretrain_indices(ds, cfg.data.split)))
-    method = build_method(cfg, info)
+    method = build_method(cfg, info, init_weights=False)
     try:
         method.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:
@@ -470,22 +484,51 @@ def imagenet_encoder(
 
 
 def check_inits(inits: Sequence[str]) -> list[str]:
-    """The initialisations asked for, each one of :data:`INITS`, without repeats (order kept).
+    """The initialisations asked for, without repeats (order kept): names of :data:`INITS`, or weights sources
+    (a local file, ``timm:NAME``, ``hf-hub:ORG/NAME``) that resolve to a local file here.
 
     Raises:
-        ConfigError: an unknown name.
+        ConfigError: an empty value, a missing file, or a network source that is not cached (offline).
     """
+    from medssl.nn.init_from import resolve_init_source
+
     for name in inits:
         if name not in INITS:
-            raise ConfigError(f"--init {name}: expected one of {', '.join(INITS)}")
+            resolve_init_source(name, key="--init")
     return list(dict.fromkeys(inits))
+
+
+def init_label(name: str) -> str:
+    """The result-table label of an initialisation: ``random-init`` / ``imagenet-init``, else ``init:<name>`` (a
+    file by its name)."""
+    if name in INITS:
+        return f"{name}-init"
+    return f"init:{name if name.startswith(('timm:', 'hf-hub:')) else Path(name).name}"
+
+
+def weights_encoder(spec: str, model_name: str, *, in_chans: int, image_size: int | None, stem: str = "default",
+                    spatial_dims: int = 2, patch_size: int | None = None, global_pool: str | None = None,
+                    adapt: str = "sum", inflate: bool = False) -> Encoder:
+    """``model_name`` started from the weights ``spec`` names (``--init FILE|timm:NAME|hf-hub:ORG/NAME``), with the
+    channel adaptation and 2D→3D inflation of :func:`medssl.nn.init_from.load_init_weights`.
+
+    Raises:
+        ConfigError: an unusable source; CheckpointError: unreadable or foreign weights.
+    """
+    from medssl.nn.backbones import Encoder, build_backbone
+
+    backbone = build_backbone(model_name, in_chans=in_chans, image_size=image_size, stem=stem,
+                              spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool,
+                              init_from=spec, init_adapt=adapt, init_inflate=inflate, init_key="--init")
+    return Encoder(backbone).eval()
 
 
 def init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
                   model_cfg: dict[str, Any]) -> tuple[list[NamedEncoder], list[str]]:
-    """The ``random-init`` / ``imagenet-init`` baseline encoders for the dataset ``ds`` (its channels, size and
-    spatial dims), and a skip message for each one that cannot be built here (ImageNet weights offline, or for a
-    3D backbone); skips are also logged to stderr. ``model_cfg`` gives ViT ``patch_size`` / ``global_pool``.
+    """The ``random-init`` / ``imagenet-init`` / ``init:<weights>`` baseline encoders for the dataset ``ds`` (its
+    channels, size and spatial dims), and a skip message for each one that cannot be built here (ImageNet weights
+    offline, or for a 3D backbone); skips are also logged to stderr. ``model_cfg`` gives ViT ``patch_size`` /
+    ``global_pool`` (and ``init_adapt`` / ``init_inflate`` for weights).
 
     Raises:
         ConfigError: an unknown initialisation or backbone.
@@ -497,6 +540,11 @@ def init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
     for name in check_inits(inits):
         if name == "random":
             out.append(("random-init", random_encoder(backbone, stem=stem, seed=0, **shape)))
+            continue
+        if name not in INITS:
+            out.append((init_label(name), weights_encoder(name, backbone, stem=stem,
+                                                          adapt=model_cfg.get("init_adapt") or "sum",
+                                                          inflate=bool(model_cfg.get("init_inflate")), **shape)))
             continue
         try:
             out.append(("imagenet-init", imagenet_encoder(backbone, **shape)))

@@ -19,6 +19,7 @@ written as two files, so the backbone file keeps loading strictly into plain tim
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch as st
 import torch
@@ -84,17 +85,37 @@ def save_encoder(module: nn.Module, path: str | Path, meta: dict[str, str]) -> P
     return write_safetensors(path, state, metadata)
 
 
-def export_encoders(method: nn.Module, out_dir: str | Path) -> list[Path]:
-    """Export every encoder of a trained method into ``out_dir``."""
+def export_encoders(method: nn.Module, out_dir: str | Path, extra: dict[str, str] | None = None) -> list[Path]:
+    """Export every encoder of a trained method into ``out_dir``; ``extra`` metadata goes into every file (3D runs:
+    the axis order, orientation and spacing the encoder was trained on, :func:`volume_metadata`)."""
     encs = method.encoders()  # type: ignore[operator]
     metas = method.export_meta()  # type: ignore[operator]
     multiple = len(encs) > 1
+    extra = dict(extra or {})
     return [
         save_encoder(mod, Path(out_dir) / encoder_filename(name, multiple),
-                     {"encoder": name, **metas.get(name, {}), "whitening": whitening_filename(name, multiple)}
-                     if _is_whitened(mod) else {"encoder": name, **metas.get(name, {})})
+                     {"encoder": name, **extra, **metas.get(name, {}), "whitening": whitening_filename(name, multiple)}
+                     if _is_whitened(mod) else {"encoder": name, **extra, **metas.get(name, {})})
         for name, mod in encs.items()
     ]
+
+
+def volume_metadata(data: Any, spatial_dims: int) -> dict[str, str]:
+    """What a 3D encoder file records about its input volumes (nothing for 2D): ``axis_order`` ``SAR`` (arrays are
+    ``(D, H, W) = (S, A, R)``), ``orientation`` ``RAS`` (the anatomical frame they were brought to), ``spacing``
+    (``z,y,x`` mm or ``native``), ``volume_mode`` and ``volume_patch_size`` (``z,y,x`` crop size; ``patch_size``
+    is a ViT's token patch). See docs/volumes.md."""
+    if int(spatial_dims) != 3:
+        return {}
+    from medssl.data.volumes import AXIS_ORDER
+
+    spacing = getattr(data, "spacing", "native")
+    patch = getattr(data, "patch_size", None)
+    return {"axis_order": AXIS_ORDER, "orientation": "RAS",
+            "spacing": "native" if spacing == "native" else ",".join(f"{float(v):g}" for v in spacing),
+            "volume_mode": str(getattr(data, "volume_mode", "resize")),
+            **({"volume_patch_size": ",".join(str(int(v)) for v in patch)}
+               if patch and getattr(data, "volume_mode", "resize") == "patches" else {})}
 
 
 def _is_whitened(module: nn.Module) -> bool:

@@ -15,8 +15,11 @@ Supported pairs:
   1-channel inputs and for the CIFAR stem.
 * ``monai`` -- the 3D ResNets ``resnet10_3d/resnet18_3d/resnet34_3d`` onto ``monai.networks.nets.resnet10/18/34``
   (``spatial_dims=3``, ``feed_forward=False``, ``bias_downsample=False``, stride-2 7³ stem or the CIFAR stem).
-  The 3D ViT has no faithful one-line MONAI counterpart (MONAI's ``ViT`` returns its classification head's
-  output rather than the class token, and its key set differs between MONAI versions), so it is refused.
+  medssl's arrays are ``(S, A, R)``, MONAI's ``(R, A, S)``: every 3D kernel's spatial axes are reversed
+  (:func:`to_monai_axes`) and the printed MONAI transforms (``Orientation("RAS")``, ``Spacing`` to the recorded
+  spacing) give the same features on a volume loaded the MONAI way. The 3D ViT has no faithful one-line MONAI
+  counterpart (MONAI's ``ViT`` returns its classification head's output rather than the class token, and its key
+  set differs between MONAI versions), so it is refused.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class ExportedWeights:
     format: str
     snippet: str
     notes: list[str] = field(default_factory=list)
+    preprocess: str | None = None
 
 
 def _timm_call(meta: dict[str, str]) -> str:
@@ -122,7 +126,41 @@ def _to_monai(meta: dict[str, str], state: State, path: Path) -> tuple[State, st
             else "conv1_t_size=7, conv1_t_stride=2")
     call = (f"monai.networks.nets.{MONAI_RESNETS[name]}(spatial_dims=3, n_input_channels={int(meta['in_chans'])}, "
             f"feed_forward=False, bias_downsample=False, {stem})")
-    return state, "; ".join(["import monai, safetensors.torch as st", f"model = {call}", _load_tail(path)])
+    return to_monai_axes(state), "; ".join(["import monai, safetensors.torch as st", f"model = {call}",
+                                            _load_tail(path)])
+
+
+def to_monai_axes(state: State) -> State:
+    """medssl's 3D kernels act on ``(D, H, W) = (S, A, R)`` arrays, MONAI's (after ``Orientation("RAS")``) on
+    ``(R, A, S)``: every 3D convolution kernel gets its three spatial axes reversed, so that the MONAI model on a
+    MONAI-loaded volume computes exactly medssl's features (the 3D ResNets are otherwise symmetric in their axes:
+    cubic kernels, equal strides and padding, global average pooling). Other tensors are unchanged."""
+    return {k: (v.permute(0, 1, 4, 3, 2).contiguous() if v.ndim == 5 else v) for k, v in state.items()}
+
+
+def monai_transforms(meta: dict[str, str], intensity: dict | None = None) -> str:
+    """The MONAI loading line that gives a 3D encoder exported with ``--format monai`` the input it was trained
+    on: ``LoadImage`` + ``EnsureChannelFirst`` + ``Orientation("RAS")`` (medssl's canonical frame with MONAI's
+    axis order), ``Spacing`` to the recorded spacing (reversed to MONAI's ``x, y, z``), an intensity map to
+    ``[0, 1]`` and the ``(x - 0.5) / 0.5`` normalisation."""
+    steps = ["LoadImage(image_only=True)", "EnsureChannelFirst()", 'Orientation(axcodes="RAS")']
+    spacing = meta.get("spacing", "native")
+    if spacing and spacing != "native":
+        zyx = [float(v) for v in spacing.split(",")]
+        steps.append(f"Spacing(pixdim=({zyx[2]:g}, {zyx[1]:g}, {zyx[0]:g}), mode=\"bilinear\", "
+                     "padding_mode=\"border\")")
+    mode = (intensity or {}).get("mode", "auto")
+    lo, hi = (intensity or {}).get("percentiles", (0.5, 99.5))
+    if mode in ("auto", "percentile"):
+        steps.append(f"ScaleIntensityRangePercentiles({float(lo):g}, {float(hi):g}, 0.0, 1.0, clip=True)")
+    elif mode == "minmax":
+        steps.append("ScaleIntensity(0.0, 1.0)")
+    else:
+        steps.append(f"Lambda(lambda v: v)  # map to [0, 1] like medssl's data.intensity mode {mode!r}")
+    return ("from monai.transforms import Compose, LoadImage, EnsureChannelFirst, Orientation, Spacing, "
+            "ScaleIntensityRangePercentiles, ScaleIntensity, Lambda; "
+            f"load = Compose([{', '.join(steps)}]); "
+            "x = (load(path)[None].float() - 0.5) / 0.5  # (1, C, R, A, S); features = model(x)")
 
 
 _CONVERTERS: dict[str, Callable[[dict[str, str], State, Path], tuple[State, str]]] = {
@@ -216,13 +254,41 @@ def export_weights(
     metadata = {"format": fmt, "source": str(src), "medssl_version": medssl.__version__,
                 "model_name": meta["model_name"], "in_chans": meta["in_chans"],
                 "input": "normalised images: (x - 0.5) / 0.5 of [0, 1] inputs", "load": snippet}
+    preprocess = None
+    if fmt == "monai":
+        intensity = _run_intensity(run_dir)
+        preprocess = monai_transforms(meta, intensity)
+        spacing = meta.get("spacing", "native")
+        metadata.update({
+            "axis_order": "RAS",
+            "axis_note": "spatial axes (R, A, S) as MONAI LoadImage + Orientation('RAS') gives; the kernels are "
+                         "medssl's (S, A, R) kernels with their spatial axes reversed",
+            "medssl_axis_order": meta.get("axis_order", "SAR"),
+            "orientation": "RAS",
+            "spacing_xyz": spacing if spacing == "native" else ",".join(reversed(spacing.split(","))),
+            "transforms": preprocess})
+        notes.append("3D axes: MONAI arrays are (R, A, S), medssl's (S, A, R); the kernels were permuted, so load "
+                     "volumes with the transforms above (not medssl's arrays) to get medssl's features")
     write_safetensors(out, state, metadata)
-    return ExportedWeights(out, fmt, snippet, notes)
+    return ExportedWeights(out, fmt, snippet, notes, preprocess)
+
+
+def _run_intensity(run_dir: Path | None) -> dict | None:
+    """The ``data.intensity`` section of the run's config.yaml, if there is one."""
+    if run_dir is None:
+        return None
+    from medssl.encoders import run_config
+
+    data = run_config(run_dir).get("data")
+    intensity = data.get("intensity") if isinstance(data, dict) else None
+    return intensity if isinstance(intensity, dict) else None
 
 
 def describe(result: ExportedWeights) -> str:
     """What ``medssl export`` prints: the file, the load snippet and the input convention."""
     lines = [f"wrote {result.format} weights to {result.path}", "load with:", f"  {result.snippet}",
              "input: images in [0, 1] normalised as (x - 0.5) / 0.5; output: pooled features (B, D)"]
+    if result.preprocess:
+        lines += ["volumes, loaded the MONAI way (path = your NIfTI file):", f"  {result.preprocess}"]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)

@@ -132,8 +132,8 @@ def test_dicom_series_folder_is_sorted_by_position(tmp_path: Path) -> None:
     assert r.spatial_dims == 3 and r.array.shape == (1, 4, 128, 128)
     order = np.argsort(z_positions)
     slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-    for d, k in enumerate(order):
-        np.testing.assert_allclose(r.array[0, d], (base + k) * slope + icpt)
+    for d, k in enumerate(order):  # rows run to P, columns to L (LPS): flipped to (S, A, R)
+        np.testing.assert_allclose(r.array[0, d], ((base + k) * slope + icpt)[::-1, ::-1])
     assert r.spacing[0] == pytest.approx(np.median(np.diff(sorted(z_positions))))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no DICOM files"):
@@ -147,8 +147,8 @@ def test_nifti_canonical_orientation_and_spacing(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(data, aff), tmp_path / "ras.nii.gz")
     r = read_file(tmp_path / "ras.nii.gz")
     assert r.array.shape == (1, 6, 5, 4) and r.spacing == (3.0, 2.0, 1.5)
-    # value at voxel (x, y, z) sits at (D=z, H=ny-1-y, W=x): superior→deeper slices, anterior at the top row
-    assert r.array[0, 2, 5 - 1 - 3, 1] == data[1, 3, 2]
+    # value at voxel (x, y, z) sits at (D=z, H=y, W=x): (S, A, R), MONAI's RAS array with its axes reversed
+    assert r.array[0, 2, 3, 1] == data[1, 3, 2] and r.orientation == "RAS"
     # the same image stored with a flipped x axis (LAS) reads identically after canonicalisation
     flip = np.diag([-1.5, 2.0, 3.0, 1.0])
     flip[0, 3] = 1.5 * 3
@@ -173,8 +173,9 @@ def test_mha_and_nrrd_through_simpleitk(tmp_path: Path) -> None:
     img.SetSpacing((0.5, 0.6, 3.0))  # ITK order: x, y, z
     for name in ("v.mha", "v.nrrd"):
         sitk.WriteImage(img, str(tmp_path / name))
-        r = read_file(tmp_path / name)
-        np.testing.assert_array_equal(r.array[0], a)
+        r = read_file(tmp_path / name)  # identity direction = LPS: the (y, x) axes are flipped to (A, R)
+        np.testing.assert_array_equal(r.array[0], a[:, ::-1, ::-1])
+        assert r.orientation == "LPS"
         assert r.spacing == pytest.approx((3.0, 0.6, 0.5)) and r.spatial_dims == 3
     raw = (tmp_path / "v.mha").read_bytes()
     (tmp_path / "cut.mha").write_bytes(raw[: len(raw) - 200])

@@ -55,13 +55,17 @@ def _worker(rank: int, port: int, out: dict) -> None:
         class _Q:  # bind MoCoV2.enqueue to a bare object with a queue
             queue = torch.zeros(12, DIM)
             queue_ptr = torch.zeros((), dtype=torch.long)
+            queue_ids = torch.full((12,), -1, dtype=torch.long)
             queue_size = 12
 
         q = _Q()
         keys = x_k[sl]
-        MoCoV2.enqueue(q, dist_utils.gather(keys, with_grad=False))  # type: ignore[arg-type]
-        MoCoV2.enqueue(q, dist_utils.gather(keys * 2, with_grad=False))  # type: ignore[arg-type]
-        out[rank] = (float(loss_mean), grad, q.queue.clone(), int(q.queue_ptr))
+        ids = torch.arange(x_k.shape[0])[sl] + 100  # dataset indices of this rank's images
+        MoCoV2.enqueue(q, dist_utils.gather(keys, with_grad=False),  # type: ignore[arg-type]
+                       dist_utils.gather(ids, with_grad=False))
+        MoCoV2.enqueue(q, dist_utils.gather(keys * 2, with_grad=False),  # type: ignore[arg-type]
+                       dist_utils.gather(ids + 50, with_grad=False))
+        out[rank] = (float(loss_mean), grad, q.queue.clone(), int(q.queue_ptr), q.queue_ids.clone())
     finally:
         dist.destroy_process_group()
 
@@ -81,13 +85,16 @@ def test_two_process_loss_gradient_and_queue_equal_single_process():
     class _Q:
         queue = torch.zeros(12, DIM)
         queue_ptr = torch.zeros((), dtype=torch.long)
+        queue_ids = torch.full((12,), -1, dtype=torch.long)
         queue_size = 12
 
     q = _Q()
-    MoCoV2.enqueue(q, x_k)  # type: ignore[arg-type]
-    MoCoV2.enqueue(q, x_k * 2)  # type: ignore[arg-type]
+    ids = torch.arange(x_k.shape[0]) + 100
+    MoCoV2.enqueue(q, x_k, ids)  # type: ignore[arg-type]
+    MoCoV2.enqueue(q, x_k * 2, ids + 50)  # type: ignore[arg-type]
     for rank in range(WORLD):
-        loss, grad, queue, ptr = results[rank]
+        loss, grad, queue, ptr, queue_ids = results[rank]
+        assert torch.equal(queue_ids, q.queue_ids)  # every rank holds every rank's dataset indices, in queue order
         assert abs(loss - float(ref_loss.detach())) < 1e-5
         assert torch.allclose(grad, w1.grad, atol=1e-5)
         assert torch.equal(queue, q.queue)

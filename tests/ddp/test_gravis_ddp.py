@@ -1,5 +1,8 @@
 """2-process gloo runs: the GraVIS grouping loss and a GraVIS step equal a single-process run on the global batch.
 
+The step runs in **training mode**: BatchNorm takes its statistics over the views of both ranks (``sync_bn``), as
+one process does over the global batch; with per-rank statistics (``sync_bn: false``) the step differs (checked).
+
 Ranks hold different numbers of views (a short last batch) and one image has views on both ranks (the batch
 sampler repeats an image when a last batch is smaller than the world size): loss and gradients must still be
 those of one process seeing everything.
@@ -45,15 +48,16 @@ def _images() -> dict[int, torch.Tensor]:
     return {i: torch.rand(1, 16, 16, generator=g) for i in ids}
 
 
-def _gravis():
+def _gravis(sync_bn: bool = True):
     from medssl.config import build_config
     from medssl.methods import DataInfo, build_method
 
-    cfg = build_config({"method": {"name": "gravis", "num_views": 3, "proj_hidden": 16, "proj_dim": 8},
+    cfg = build_config({"method": {"name": "gravis", "num_views": 3, "proj_hidden": 16, "proj_dim": 8,
+                                   "sync_bn": sync_bn},
                         "model": {"backbone": "resnet18"}, "views": PLAIN_VIEWS})
     torch.manual_seed(0)
-    # eval: BatchNorm uses running statistics, so a rank's forward does not depend on the other rank's images
-    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=16, num_samples=32)).eval()
+    # training mode: BatchNorm uses batch statistics, which must span both ranks' views
+    return build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=16, num_samples=32)).train()
 
 
 def _grad_of(model: torch.nn.Module) -> torch.Tensor:
@@ -83,15 +87,17 @@ def _worker(rank: int, port: int, out: dict) -> None:
         grad = w2.grad.clone()
         dist.all_reduce(grad)
         results["local"] = (float(dist_utils.all_reduce_mean(loss.detach())), grad / WORLD)
-        # a whole GraVIS step, groups from batch["index"]
-        method = _gravis()
+        # a whole GraVIS step in training mode, groups from batch["index"]; then the same with per-rank BatchNorm
         imgs = _images()
         index = STEP_INDEX[rank]
-        step = method.training_step({"image": torch.stack([imgs[int(i)] for i in index]), "index": index})
-        step.loss.backward()
-        grad = _grad_of(method)
-        dist.all_reduce(grad)
-        results["step"] = (float(dist_utils.all_reduce_mean(step.loss.detach())), grad / WORLD)
+        for key, sync in (("step", True), ("step_local_bn", False)):
+            method = _gravis(sync)
+            step = method.training_step({"image": torch.stack([imgs[int(i)] for i in index]), "index": index})
+            step.loss.backward()
+            grad = _grad_of(method)
+            dist.all_reduce(grad)
+            results[key] = (float(dist_utils.all_reduce_mean(step.loss.detach())), grad / WORLD)
+            results[key + "_running_var"] = method.backbone.bn1.running_var.clone()
         out[rank] = results
     finally:
         dist.destroy_process_group()
@@ -124,6 +130,11 @@ def test_two_processes_equal_one_process():
     step.loss.backward()
     refs["step"] = (float(step.loss.detach()), _grad_of(method))
     for rank in range(WORLD):
+        # BatchNorm's running statistics too: those of one process over the global batch
+        torch.testing.assert_close(results[rank]["step_running_var"], method.backbone.bn1.running_var)
+        # control: per-rank BatchNorm statistics give another step (what the test guards against)
+        loss, grad = results[rank]["step_local_bn"]
+        assert abs(loss - refs["step"][0]) > 1e-4 or not torch.allclose(grad, refs["step"][1], atol=1e-5)
         for key, (ref_loss, ref_grad) in refs.items():
             loss, grad = results[rank][key]
             assert abs(loss - ref_loss) < 1e-5, (rank, key, loss, ref_loss)

@@ -287,10 +287,61 @@ def test_f1_is_not_recall():
 # -- recipes ----------------------------------------------------------------------------------------------------
 def test_paper_recipe_settings():
     cfg = make_config(config="cass_histopathology")
-    assert cfg.method_name == "cass" and cfg.method["vit_backbone"] == "vit_base_patch16_224"
+    assert cfg.method_name == "cass" and cfg.method["vit_backbone"] == "vit_base_patch16_384"
     assert cfg.method["head"] == "logits" and cfg.model.backbone == "resnet50"
+    # both networks start from ImageNet weights, named (read from the local cache, never downloaded)
+    assert cfg.model.init_from == "timm:resnet50.a1_in1k"
+    assert cfg.method["vit_init_from"] == "timm:vit_base_patch16_384.augreg_in21k_ft_in1k"
     assert cfg.optim.name == "adamw" and cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.0
-    assert cfg.train.batch_size == 16 and cfg.train.epochs == 100 and cfg.data.image_size == 224
+    assert cfg.train.batch_size == 16 and cfg.train.epochs == 100 and cfg.data.image_size == 384
+    scratch = make_config(config="cass_histopathology_scratch")
+    assert scratch.model.init_from is None and scratch.method["vit_init_from"] is None
+    assert scratch.data.image_size == 224 and scratch.method["vit_backbone"] == "vit_base_patch16_224"
+
+
+def test_paper_recipe_fails_clearly_without_its_weights(tmp_path, capsys, monkeypatch):
+    from medssl.cli import main
+    from medssl.nn import init_from
+
+    monkeypatch.setattr(init_from, "_cached", lambda repo, names: None)  # an empty Hugging Face cache
+    argv = ["pretrain", "--config", "cass_histopathology", "--data", "phantom2d:16", "--max-steps", "1",
+            "--batch-size", "4", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "timm:resnet50.a1_in1k" in err and "not in the local Hugging Face cache" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_vit_init_from_loads_the_vit_and_collapse_warns(tmp_path, caplog):
+    import logging
+
+    import safetensors.torch as st
+
+    from medssl.methods import DataInfo, build_method
+    from medssl.nn.backbones import build_backbone
+
+    torch.manual_seed(5)
+    vit = build_backbone("vit_tiny_patch16_224", in_chans=1, image_size=32)
+    st.save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    cfg = make_config(method="cass", data="phantom2d", image_size=32,
+                      overrides=["method.head=mlp", "method.embed_dim=16", "method.mlp_hidden=16",
+                                 f"method.vit_init_from={tmp_path / 'vit.safetensors'}",
+                                 "method.collapse_warn_std=100", "method.collapse_check_every=2"])
+    m = build_method(cfg, DataInfo(in_chans=1, spatial_dims=2, image_size=32, num_samples=16))
+    for k, v in vit.state_dict().items():
+        assert torch.equal(m.vit.state_dict()[k], v), k
+    m.training_step({"image": torch.rand(4, 1, 32, 32)})
+    with caplog.at_level(logging.WARNING, logger="medssl"):
+        m.after_optimizer_step(0, 10)  # not a check step
+        assert not caplog.records
+        m.after_optimizer_step(1, 10)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("is collapsing at step 2" in w for w in warnings)
+    assert "embedding_std_vit" in warnings[1] and "method.collapse_warn_std 100" in warnings[1]
+    assert m.check_collapse(4) == []  # once per network
+    m.hparams.collapse_warn_std = 1e-6
+    m._warned.clear()
+    assert m.check_collapse(4) == []  # spread-out embeddings do not warn
 
 
 def test_cpu_recipe_runs(tmp_path):

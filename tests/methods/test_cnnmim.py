@@ -89,7 +89,7 @@ def test_encoder_never_sees_masked_values(sd: int, strategy: str, training: bool
 
 def test_dense_variant_leaks_into_masked_positions() -> None:
     """Control: with sparse=false the same check fails (the zeroing is what keeps masked positions empty)."""
-    method = _method(2, sparse=False, mask_ratio=0.5)
+    method = _method(2, sparse=False, mask_ratio=0.5, mask_patch_size=8)
     x = torch.randn(2, 1, 32, 32, generator=_gen(0))
     mask = method.draw_mask(2, torch.device("cpu"), generator=_gen(1))
     acts, handles = _record(method.backbone)
@@ -139,7 +139,7 @@ def test_visualize_panel_shapes_3d() -> None:
 
 
 def test_exported_backbone_is_plain_timm_2d() -> None:
-    method = _method(2)
+    method = _method(2, mask_patch_size=8)
     method.training_step({"image": torch.rand(4, 1, 32, 32, generator=_gen(7))})  # moves BN running stats
     state = method.encoders()["backbone"].state_dict()
     ref = timm.create_model("resnet18", num_classes=0, in_chans=1)
@@ -204,7 +204,7 @@ def test_cli_pretrain_writes_reconstructions(tmp_path, data: str, bs: int, steps
     out = tmp_path / "run"
     assert main(["pretrain", "--method", "cnnmim", "--data", data, "--image-size", "32", "--batch-size", str(bs),
                  "--max-steps", str(steps), "--out", str(out), "--quiet", "--set", "train.visualize_every_n_steps=2",
-                 "--set", "train.log_every_n_steps=1"]) == 0
+                 "--set", "train.log_every_n_steps=1", "--set", "model.stem=cifar"]) == 0
     pngs = sorted(p.name for p in (out / "reconstructions").glob("*.png"))
     expected = sorted({f"step_{s:06d}.png" for s in range(2, steps + 1, 2)} | {f"step_{steps:06d}.png"})
     assert pngs == expected

@@ -43,8 +43,11 @@ FAST = {  # smaller widths only (speed); every other setting is the method's def
     "miram": [*DECODER, "method.hr_decoder_depth=1"],
     "cnnmim": ["method.mask_patch_size=4", "method.decoder_channels=[16,16,16,16]"],
     "cass": ["method.head=mlp", "method.embed_dim=16", "method.mlp_hidden=16"],
+    "dino": ["method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16", "method.local_crops=2"],
+    "mocov3": ["method.mlp_dim=32", "method.proj_dim=16", "model.patch_size=8"],
+    "simmim": ["model.patch_size=8"],
 }
-FAST_3D = {name: ["model.backbone=resnet10_3d"] for name in ("mocov2", "medmoco", "gravis", "cnnmim")}
+FAST_3D = {name: ["model.backbone=resnet10_3d"] for name in ("mocov2", "medmoco", "gravis", "cnnmim", "dino")}
 CASES = [(name, sd) for name in sorted(METHODS) for sd in (2, 3)]
 IDS = [f"{name}-{sd}d" for name, sd in CASES]
 

@@ -83,7 +83,7 @@ def test_local_term_adds_its_weighted_loss_and_gradient_into_the_backbone():
 def test_whitening_sits_between_backbone_and_projector(kind):
     images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     model = _build(MedMoCo, _cfg(local_weight=0, whitening=kind, whitening_group_size=4, whitening_eps=1e-10,
-                                 whitening_iterations=40, stem="default"), _info())
+                                 whitening_iterations=40, stem="default", whitening_stats="pooled"), _info())
     out = _step(model, images)
     w = out.embeddings["whitened"].double()  # 16 query rows (two views of 8 images)
     centred = w - w.mean(0)
@@ -146,7 +146,7 @@ def test_cpu_recipe_keeps_a_feature_map_with_distinct_regions():
     with torch.no_grad():
         fmap = model.embed_query(images)["feature_map"]
     assert tuple(fmap.shape[2:]) == (4, 4)
-    assert model.whitening.group_size == 16 and model.local.num_regions == 8
+    assert model.whitening.group_size == 512 and model.local.num_regions == 8  # one group: the paper's
 
 
 @pytest.mark.slow

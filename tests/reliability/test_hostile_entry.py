@@ -163,8 +163,13 @@ CASES = [
      "--encoder vit: run {run} has no encoder 'vit' (has: backbone)", False),
     ("embed-encoder-unknown", ["embed", "--run", "{run}", "--data", DATA, "--device", "cpu", "--encoder", "cnn",
                                "--out", "{tmp}/m"], "--encoder cnn", False),
-    ("init-unknown", ["evaluate", "--init", "foo", "--data", DATA, "--out", "{tmp}/e"], "--init", True),
-    ("compare-init-unknown", ["compare", "--init", "foo", "--data", DATA, "--out", "{tmp}/c"], "--init", True),
+    # --init takes random / imagenet or weights (a file, timm:NAME, hf-hub:ORG/NAME): anything else is a missing file
+    ("init-unknown", ["evaluate", "--init", "foo", "--data", DATA, "--out", "{tmp}/e"],
+     "--init foo: file not found (expected a weights file, timm:NAME or hf-hub:ORG/NAME)", False),
+    ("compare-init-unknown", ["compare", "--init", "foo", "--data", DATA, "--out", "{tmp}/c"],
+     "--init foo: file not found", False),
+    ("init-hub-offline", ["evaluate", "--init", "hf-hub:medssl-none/none", "--data", DATA, "--out", "{tmp}/e"],
+     "not in the local Hugging Face cache", False),
     ("pretrain-precision-unknown", ["pretrain", "--method", "mocov2", "--precision", "fp8", "--out", "{tmp}/p"],
      "--precision", True),
 ]

@@ -8,7 +8,10 @@ modalities and intensity ranges, and lists every unreadable or inconsistent file
 dimensions for the dataset, unsupported channel count, non-finite values, a mask whose shape differs from
 its image) with the reason. Constant images (every pixel equal: a RescaleSlope of 0, an all-black export)
 are readable but carry no information: they are listed as warnings, not as bad files (training on them is
-harmless, the run log warns too). :func:`format_report` renders the text the CLI prints.
+harmless, the run log warns too). For 3D files it also tabulates each file's own orientation code (before
+medssl brings it to RAS, stored as ``(S, A, R)``), spacing and size in mm by format, and warns about mixed
+orientations and extreme anisotropy (largest / smallest spacing above :data:`ANISOTROPY_WARN`).
+:func:`format_report` renders the text the CLI prints.
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ from .base import ImageDataset
 from .readers import constant_value
 from .splits import SPLIT_NAMES
 
+#: Largest / smallest voxel spacing of a volume above which ``medssl inspect`` warns (the prostate T2w seed's
+#: 0.5 x 0.5 x 3 mm is 6).
+ANISOTROPY_WARN = 3.0
+
+
+@dataclass
+class VolumeInfo:
+    """One 3D file's geometry as read (``orientation`` is the file's own code; spacing / shape in ``(z, y, x)``)."""
+
+    source: str
+    format: str
+    orientation: str
+    spacing: tuple[float, ...] | None
+    shape: tuple[int, ...]
+
+    @property
+    def size_mm(self) -> tuple[float, ...] | None:
+        return None if self.spacing is None else tuple(n * s for n, s in zip(self.shape, self.spacing, strict=True))
+
 
 @dataclass
 class InspectReport:
@@ -42,6 +64,8 @@ class InspectReport:
         intensity_max: Largest value seen (original units).
         bad: ``(file, reason)`` for every unreadable or inconsistent file.
         warnings: ``(file, note)`` for readable files that look wrong (constant images).
+        volumes: the geometry of every 3D file read.
+        geometry_warnings: one line each about the volumes' geometry (mixed orientations, extreme anisotropy).
     """
 
     summary: dict[str, Any]
@@ -54,6 +78,8 @@ class InspectReport:
     intensity_max: float | None = None
     bad: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    volumes: list[VolumeInfo] = field(default_factory=list)
+    geometry_warnings: list[str] = field(default_factory=list)
 
     def _constant(self, source: str, array: np.ndarray) -> None:
         value = constant_value(array)
@@ -101,6 +127,8 @@ def _check_file(
     report.spacings[_fmt_spacing(result.spacing)] += 1
     report.bit_depths["none" if result.bit_depth is None else str(result.bit_depth)] += 1
     report.modalities[result.modality or "none"] += 1
+    if int(result.spatial_dims) == 3 and not is_mask:
+        _note_volume(report, path, result)
     problems = []
     if int(result.spatial_dims) != dataset.spatial_dims:
         problems.append(f"{result.spatial_dims}D, but the dataset is {dataset.spatial_dims}D")
@@ -119,6 +147,24 @@ def _check_file(
     if problems:
         report.bad.append((path, "inconsistent: " + "; ".join(problems)))
     return spatial
+
+
+def _format_of(path: str) -> str:
+    name = path.lower()
+    if Path(path).is_dir():
+        return "dicom series"
+    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".mha", "mha"), (".mhd", "mhd"), (".nrrd", "nrrd"),
+                        (".nhdr", "nrrd")):
+        if name.endswith(suffix):
+            return fmt
+    return "dicom"
+
+
+def _note_volume(report: InspectReport, path: str, result: Any) -> None:
+    spacing = tuple(float(s) for s in result.spacing) if result.spacing else None
+    info = VolumeInfo(path, _format_of(path), result.orientation or "unknown", spacing,
+                      tuple(int(s) for s in result.shape))
+    report.volumes.append(info)
 
 
 def inspect_data(spec: str, task: str | None = None, image_size: int | None = None) -> InspectReport:
@@ -157,7 +203,55 @@ def inspect_data(spec: str, task: str | None = None, image_size: int | None = No
         report.modalities["none"] += 1
         report._range(image)
         report._constant(dataset.sources[i], image)
+    report.geometry_warnings = geometry_warnings(report.volumes)
     return report
+
+
+def geometry_warnings(volumes: list[VolumeInfo]) -> list[str]:
+    """Mixed orientations and extreme anisotropy (largest / smallest spacing > :data:`ANISOTROPY_WARN`)."""
+    out = []
+    codes = Counter(v.orientation for v in volumes)
+    if len(codes) > 1:
+        out.append(f"mixed orientations ({_counts(codes)}): medssl reads every file as RAS, stored (S, A, R), so "
+                   "they agree once loaded; other tools may not")
+    ratios = [(max(v.spacing) / min(v.spacing), v) for v in volumes if v.spacing and min(v.spacing) > 0]
+    steep = [(r, v) for r, v in ratios if r > ANISOTROPY_WARN]
+    if steep:
+        r, v = max(steep, key=lambda t: t[0])
+        out.append(f"extreme anisotropy in {len(steep)} volume(s): largest / smallest spacing up to {r:.1f} (e.g. "
+                   f"{v.source}: z, y, x {_fmt_spacing(v.spacing)} mm); set data.spacing (e.g. [{min(v.spacing):.3g}, "
+                   f"{min(v.spacing):.3g}, {min(v.spacing):.3g}] or a compromise) so patches and kernels are "
+                   "isotropic in mm")
+    return out
+
+
+def _range_text(values: list[tuple[float, ...]], unit: str) -> str:
+    """``z a..b, y c..d, x e..f UNIT`` over ``(z, y, x)`` tuples."""
+    arr = np.array(values, dtype=float)
+    parts = []
+    for k, axis in enumerate("zyx"):
+        lo, hi = arr[:, k].min(), arr[:, k].max()
+        parts.append(f"{axis} {lo:.3g}" + ("" if lo == hi else f"..{hi:.3g}"))
+    return ", ".join(parts) + f" {unit}"
+
+
+def volume_table(report: InspectReport) -> list[str]:
+    """The orientation / spacing table of the 3D files: one row per (format, orientation, spacing)."""
+    if not report.volumes:
+        return []
+    groups: dict[tuple[str, str, str], list[VolumeInfo]] = {}
+    for v in report.volumes:
+        groups.setdefault((v.format, v.orientation, _fmt_spacing(v.spacing)), []).append(v)
+    rows = [("format", "orientation", "files", "spacing z,y,x (mm)", "voxels z,y,x", "size z,y,x (mm)")]
+    for (fmt, code, spacing), vs in sorted(groups.items()):
+        shapes = sorted({"x".join(map(str, v.shape)) for v in vs})
+        sizes = [v.size_mm for v in vs if v.size_mm is not None]
+        size = "-" if not sizes else _range_text(sizes, "").strip().replace("z ", "").replace("y ", "").replace(
+            "x ", "").replace(", ", " x ")
+        rows.append((fmt, f"{code} -> RAS", str(len(vs)), spacing, shapes[0] + (" ..." if len(shapes) > 1 else ""),
+                     size))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def _counts(counter: Counter) -> str:
@@ -195,6 +289,16 @@ def format_report(report: InspectReport) -> str:
         f"bit depths: {_counts(report.bit_depths)}",
         f"modalities: {_counts(report.modalities)}",
     ]
+    if report.volumes:
+        spaced = [v.spacing for v in report.volumes if v.spacing]
+        sized = [v.size_mm for v in report.volumes if v.size_mm]
+        lines.append("volumes: orientation of each file (medssl loads every one as RAS, arrays (D, H, W) = (S, A, R)): "
+                     + _counts(Counter(v.orientation for v in report.volumes)))
+        if spaced:
+            lines.append(f"spacing range: {_range_text(spaced, 'mm')}")
+            lines.append(f"size range: {_range_text(sized, 'mm')}")
+        lines += volume_table(report)
+        lines += [f"warning: {w}" for w in report.geometry_warnings]
     if report.intensity_min is not None:
         lines.append(
             f"intensity range (original units): {report.intensity_min:g} .. {report.intensity_max:g}"

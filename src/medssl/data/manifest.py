@@ -267,6 +267,9 @@ class CsvDataset(ImageDataset):
         name: Spec string to record (defaults to ``csv:FILE``).
         require_3d: Reject 2D files (``volumes:``).
         intensity: :class:`~medssl.data.readers.IntensityConfig` (default: ``auto``).
+        spacing: 3D files: ``(z, y, x)`` mm every volume is resampled to first (``None``: native spacing).
+        native_size: 3D files: keep each (resampled) volume at its own size instead of resizing it to an
+            ``image_size`` cube (``data.volume_mode: patches``; crops are cut later, :mod:`medssl.data.patches`).
 
     Attributes:
         files: Resolved path of every item.
@@ -285,10 +288,14 @@ class CsvDataset(ImageDataset):
         name: str | None = None,
         require_3d: bool = False,
         intensity: Any = None,
+        spacing: tuple[float, float, float] | None = None,
+        native_size: bool = False,
     ) -> None:
         from .readers import IntensityConfig
 
         self.intensity = intensity if intensity is not None else IntensityConfig()
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        self.native_size = bool(native_size)
         self.csv_path = Path(csv_path)
         kind = "volumes" if require_3d else "csv"
         if not self.csv_path.exists():
@@ -416,20 +423,49 @@ class CsvDataset(ImageDataset):
     def preprocessing(self) -> dict[str, Any]:
         import dataclasses
 
-        return {**super().preprocessing(), "intensity": dataclasses.asdict(self.intensity)}
+        out = {**super().preprocessing(), "intensity": dataclasses.asdict(self.intensity)}
+        if self.spatial_dims == 3:  # new keys only for volumes: 2D cache entries keep their keys
+            out.update(spacing=list(self.spacing) if self.spacing else "native", native_size=self.native_size)
+        return out
 
     def item_files(self, index: int) -> list[str]:
         """The files item ``index`` is read from (for ``medssl inspect``)."""
         return [str(self.files[index])]
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = load_file_image(self.files[index], self.intensity, self.spatial_dims, self.in_chans, self.image_size)
-        return image, None
+        return load_file_image(self.files[index], self.intensity, self.spatial_dims, self.in_chans, self.image_size,
+                               spacing=self.spacing, native_size=self.native_size), None
 
 
-def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int, image_size: int) -> torch.Tensor:
-    """Read one file and make it a model input: ``[0, 1]`` via ``intensity``, ``in_chans`` channels, 2D images
-    zero-padded to a centred square, resized to ``image_size`` per side.
+def resample_result(result: Any, spacing: tuple[float, float, float] | None) -> Any:
+    """A 3D :class:`~medssl.data.readers.ReadResult` resampled (trilinear) to ``spacing`` (``(z, y, x)`` mm), in
+    the file's units, before any intensity mapping; the result itself when ``spacing`` is ``None`` or 2D.
+
+    Raises:
+        DataError: the file records no voxel spacing.
+    """
+    if spacing is None or int(result.spatial_dims) != 3:
+        return result
+    if not result.spacing or len(result.spacing) != 3:
+        raise DataError(f"{result.source}: records no voxel spacing, so it cannot be resampled to data.spacing "
+                        f"{list(spacing)}; set data.spacing: native")
+    import dataclasses
+
+    from .volumes import resample
+
+    array = resample(np.asarray(result.array, dtype=np.float32), result.spacing, spacing, mode="linear").numpy()
+    affine = result.affine
+    if affine is not None:
+        affine = affine.copy()
+        affine[:3, :3] = affine[:3, :3] * (np.array(spacing) / np.array(result.spacing))[None, :]
+    return dataclasses.replace(result, array=array, spacing=tuple(spacing), affine=affine)
+
+
+def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int, image_size: int, *,
+                    spacing: tuple[float, float, float] | None = None, native_size: bool = False) -> torch.Tensor:
+    """Read one file and make it a model input: 3D volumes resampled to ``spacing`` (when given), ``[0, 1]`` via
+    ``intensity``, ``in_chans`` channels, 2D images zero-padded to a centred square, resized to ``image_size`` per
+    side (3D volumes keep their size with ``native_size``).
 
     A constant file (every value equal) is kept, with one warning per file in the run log.
 
@@ -438,6 +474,8 @@ def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int
     """
     result = read_result(path)
     readers = _readers()
+    if int(result.spatial_dims) == spatial_dims == 3:
+        result = resample_result(result, spacing)
     value = readers.constant_value(result.array)
     if value is not None:
         readers.note_constant(str(path), value)
@@ -459,6 +497,8 @@ def load_file_image(path: Path, intensity: Any, spatial_dims: int, in_chans: int
         image = image.mean(dim=0, keepdim=True)
     if spatial_dims == 2:
         image = pad_to_square(image)
+    elif native_size:
+        return image.contiguous()
     return resize_image(image.contiguous(), image_size).contiguous()
 
 

@@ -5,11 +5,11 @@
   and VOI LUT kept for :func:`to_unit_range`, multi-frame files (→ a volume), colour (YBR → RGB), and the
   compressed transfer syntaxes pydicom's pixel handlers decode (JPEG baseline / extended / lossless,
   JPEG-LS and JPEG 2000 through pylibjpeg, RLE natively).
-* NIfTI-1/2 (nibabel): reoriented to the closest canonical (RAS+) orientation, then stored as
-  ``(D, H, W) = (S, A, R)`` axes, with the voxel spacing in that order.
-* MHA / MHD / NRRD (SimpleITK), with spacing; vector pixels become channels.
-* A folder of DICOM files of one series → a volume, slices ordered along the slice normal (from
-  ``ImagePositionPatient`` / ``ImageOrientationPatient``; ``InstanceNumber`` when positions are missing).
+* NIfTI-1/2 (nibabel), MHA / MHD / NRRD (SimpleITK; vector pixels become channels) and a folder of DICOM files
+  of one series (slices ordered along the slice normal from ``ImagePositionPatient`` /
+  ``ImageOrientationPatient``; ``InstanceNumber`` when positions are missing) all load in ONE layout: the
+  closest RAS+ orientation stored as ``(D, H, W) = (S, A, R)`` axes, with the voxel spacing in that order and
+  the affine kept (:mod:`medssl.data.volumes`, docs/volumes.md).
 
 A reader returns a :class:`ReadResult`: the array as float32 in the file's own units (Hounsfield units for
 CT, raw values for MR, 0..255 / 0..65535 for images), channels first — ``(C, H, W)`` or ``(C, D, H, W)`` —
@@ -104,6 +104,9 @@ class ReadResult:
         modality: DICOM modality (``CT``, ``MR``, ``MG`` ...) or the format (``png``, ``nifti``, ``mha``).
         source: The path read.
         voi_lut: For DICOM with a VOI LUT sequence: a function mapping the array to display values.
+        affine: For volumes in the canonical layout (NIfTI, MHA / NRRD, DICOM series): the 4x4 map from the
+            ``(d, h, w)`` voxel index to RAS millimetres; else ``None``.
+        orientation: The file's own orientation code (``RAS``, ``LPS`` ...) where it has one, else ``None``.
     """
 
     array: np.ndarray
@@ -114,6 +117,8 @@ class ReadResult:
     modality: str | None
     source: str
     voi_lut: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    affine: np.ndarray | None = field(default=None, repr=False)
+    orientation: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -603,10 +608,23 @@ def read_dicom_series(folder: Path) -> ReadResult:
             raise DataError(f"{f}: slice shape {res.array.shape[1:]} differs from the series' {first.array.shape[1:]}")
         planes.append(res.array[0])
     assert first is not None
-    vol = np.stack(planes)[None]
-    hw = first.spacing or (1.0, 1.0)
-    spacing = (abs(dz) if dz else 1.0, *hw)
-    return ReadResult(vol.astype(np.float32), 3, spacing, first.bit_depth, first.window, first.modality, str(folder))
+    vol = np.stack(planes)  # (k, j, i): slices along the normal, rows, columns
+    row_sp, col_sp = first.spacing or (1.0, 1.0)
+    if normal is None:  # no orientation: take the axial LPS default
+        r, c = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+        normal = np.cross(r, c)
+    ipp = getattr(slices[int(order[0])][1], "ImagePositionPatient", None)
+    origin = np.array(ipp, float) if ipp is not None and len(ipp) == 3 else np.zeros(3)
+    lps = np.eye(4)
+    # column index i runs along the row cosine, row index j along the column cosine (DICOM PS3.3 C.7.6.2.1.1)
+    lps[:3, 0], lps[:3, 1] = r * col_sp, c * row_sp
+    lps[:3, 2] = normal / (np.linalg.norm(normal) or 1.0) * (abs(dz) if dz else 1.0)
+    lps[:3, 3] = origin
+    from .volumes import LPS_TO_RAS
+
+    res = _canonical_result(np.transpose(vol, (2, 1, 0)), LPS_TO_RAS @ lps, folder)
+    res.bit_depth, res.window, res.modality = first.bit_depth, first.window, first.modality
+    return res
 
 
 # -- volumes ------------------------------------------------------------------------------------------
@@ -631,7 +649,7 @@ def _volume_layout(arr: np.ndarray, path: Path, spacing: tuple[float, ...], chan
 
 
 def read_nifti(path: Path) -> ReadResult:
-    """NIfTI-1/2 → closest canonical (RAS+) orientation → ``(D, H, W) = (S, A, R)`` axes.
+    """NIfTI-1/2 → closest canonical (RAS+) orientation → ``(D, H, W) = (S, A, R)`` axes (affine kept).
 
     3D volumes, 4D files whose 4th axis has at most 4 entries (channels: modalities, vector data) and 5D
     files with a singleton 4th axis are accepted; time series and other shapes are an error.
@@ -651,10 +669,9 @@ def read_nifti(path: Path) -> ReadResult:
         if not all(math.isfinite(v) and v != 0 for v in spatial):
             raise DataError(f"{path}: invalid voxel size {tuple(spatial)} in the NIfTI header (pixdim[1..3] must be "
                             "finite and non-zero)")
-        if len(img.shape) >= 3:
-            img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms())
+        affine = np.asarray(img.affine, dtype=float)
     except DataError:
         raise
     except Exception as exc:
@@ -665,23 +682,37 @@ def read_nifti(path: Path) -> ReadResult:
     if data.ndim == 2:
         arr = data.T  # (x, y) -> (H=y, W=x)
         return _volume_layout(arr, path, (zooms[1], zooms[0]), channels_last=False)
-    if data.ndim == 3:
-        arr = np.transpose(data, (2, 1, 0))[:, ::-1, :]  # (R, A, S) -> (S, A, R), anterior at the top row
-        return _volume_layout(arr, path, (zooms[2], zooms[1], zooms[0]), channels_last=False)
-    if data.ndim == 4:
-        if shape[3] > _MAX_CHANNELS:
-            raise DataError(
-                f"{path}: 4D NIfTI with {shape[3]} volumes (shape {shape}); medssl reads 3D volumes or up to "
-                f"{_MAX_CHANNELS} channels — split the time series into 3D files"
-            )
-        arr = np.transpose(data, (2, 1, 0, 3))[:, ::-1, :, :]
-        return _volume_layout(arr, path, (zooms[2], zooms[1], zooms[0]), channels_last=True)
+    if data.ndim == 4 and data.shape[3] > _MAX_CHANNELS:
+        raise DataError(
+            f"{path}: 4D NIfTI with {data.shape[3]} volumes (shape {shape}); medssl reads 3D volumes or up to "
+            f"{_MAX_CHANNELS} channels — split the time series into 3D files"
+        )
+    if data.ndim in (3, 4):
+        return _canonical_result(data, affine, path)
     raise DataError(f"{path}: NIfTI with unsupported dimensions {shape} "
                     f"(expected 3D, or 4D with ≤ {_MAX_CHANNELS} channels)")
 
 
+def _canonical_result(data: np.ndarray, affine: np.ndarray, path: Path) -> ReadResult:
+    """A volume in voxel order ``(i, j, k[, C])`` with its RAS affine → a ReadResult in the canonical layout
+    (``(C, S, A, R)``, spacing ``(z, y, x)``, affine and orientation code kept; :mod:`medssl.data.volumes`).
+    A single slice (``S`` of 1) becomes a 2D image ``(C, A, R)``."""
+    from .volumes import canonical, spacing_of
+
+    arr, aff, code = canonical(data, affine, path)
+    if min(arr.shape[1:]) < 1:
+        raise DataError(f"{path}: expected a 2D image or 3D volume, got spatial shape {arr.shape[1:]}")
+    spacing = spacing_of(aff)
+    if arr.shape[1] == 1:
+        return ReadResult(np.ascontiguousarray(arr[:, 0], dtype=np.float32), 2, spacing[1:], None, None, None,
+                          str(path), orientation=code)
+    return ReadResult(np.ascontiguousarray(arr, dtype=np.float32), 3, spacing, None, None, None, str(path),
+                      affine=aff, orientation=code)
+
+
 def read_itk(path: Path) -> ReadResult:
-    """MHA / MHD / NRRD through SimpleITK (array order ``(D, H, W)``, vector pixels as channels).
+    """MHA / MHD / NRRD through SimpleITK; 3D images go to the canonical ``(S, A, R)`` layout through their
+    direction matrix and origin (ITK's LPS world), vector pixels become channels; 2D images keep ``(H, W)``.
 
     The header is read first: a size beyond the machine's memory or a spacing that is not finite and > 0 is
     an error before any pixel is read.
@@ -708,10 +739,22 @@ def read_itk(path: Path) -> ReadResult:
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
         spacing = tuple(float(s) for s in reversed(img.GetSpacing()))
         vector = img.GetNumberOfComponentsPerPixel() > 1
+        dim = img.GetDimension()
+        direction = np.array(img.GetDirection(), dtype=float).reshape(dim, dim)
+        origin = np.array(img.GetOrigin(), dtype=float)
     except Exception as exc:
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-200:] or type(exc).__name__
         raise DataError(f"{path}: truncated or corrupt {kind} file ({detail})") from exc
-    res = _volume_layout(arr, path, spacing, channels_last=vector)
+    if dim == 3 and (not vector or arr.shape[-1] <= _MAX_CHANNELS):
+        from .volumes import LPS_TO_RAS
+
+        lps = np.eye(4)
+        lps[:3, :3] = direction @ np.diag(img.GetSpacing())
+        lps[:3, 3] = origin
+        data = np.transpose(arr, (2, 1, 0, 3) if vector else (2, 1, 0))  # (k, j, i[, c]) -> (i, j, k[, c])
+        res = _canonical_result(data, LPS_TO_RAS @ lps, path)
+    else:
+        res = _volume_layout(arr, path, spacing, channels_last=vector)
     res.modality = _suffix(path).lstrip(".")
     return res
 

@@ -114,11 +114,28 @@ def _is_positive_int(value: object) -> bool:
     return bool(np.isfinite(value)) and int(value) == value and value >= 1
 
 
-def _open_phantom(kind: str) -> Callable[[str, str | None, int | None, str | None, int], ImageDataset]:
+@dataclass(frozen=True)
+class VolumeOptions:
+    """How 3D volumes are read (``data.spacing`` / ``data.volume_mode``), for openers with the ``volume`` option.
+
+    Attributes:
+        spacing: ``(z, y, x)`` mm every file volume is resampled to; ``None`` = native.
+        native_size: keep volumes at their own (resampled) size, for sub-volume sampling; else resize them to
+            the ``image_size`` cube. Phantoms are then rendered at their native size, whatever ``image_size``.
+    """
+
+    spacing: tuple[float, float, float] | None = None
+    native_size: bool = False
+
+
+def _open_phantom(kind: str) -> Callable[..., ImageDataset]:
     def opener(
-        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int
+        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int,
+        volume: VolumeOptions | None = None,
     ) -> ImageDataset:
         n = None if arg is None else _parse_count(spec, arg)
+        if volume is not None and volume.native_size and kind == "phantom3d":
+            image_size = None  # crops are cut from the volume at its native size
         return PhantomDataset(kind, n=n, image_size=image_size, task=task, seed=seed, name=spec)
 
     return opener
@@ -127,7 +144,7 @@ def _open_phantom(kind: str) -> Callable[[str, str | None, int | None, str | Non
 register_spec("phantom2d", syntax="phantom2d[:N]", help=(
     f"built-in synthetic mammography-like 64x64 patches, default N={PHANTOM2D_DEFAULT_N}; tasks margin "
     "(4 classes, default) and pathology; lesion masks"))(_open_phantom("phantom2d"))
-register_spec("phantom3d", syntax="phantom3d[:N]", help=(
+register_spec("phantom3d", syntax="phantom3d[:N]", options=("volume",), help=(
     f"built-in synthetic 32^3 gland volumes, default N={PHANTOM3D_DEFAULT_N}; task lesion; lesion masks"))(
     _open_phantom("phantom3d"))
 
@@ -162,22 +179,24 @@ def _open_manifest(require_3d: bool) -> Callable[..., ImageDataset]:
     """The opener of ``csv:`` (any image or volume file) or ``volumes:`` (3D files only) manifests."""
 
     def opener(
-        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, intensity: Any = None
+        spec: str, arg: str | None, image_size: int | None, task: str | None, seed: int, intensity: Any = None,
+        volume: VolumeOptions | None = None,
     ) -> ImageDataset:
         from .manifest import CsvDataset
 
+        volume = volume or VolumeOptions()
         return CsvDataset(
             _require_arg(spec, arg, "FILE.csv"), image_size=image_size, task=task, seed=seed, name=spec,
-            require_3d=require_3d, intensity=intensity,
+            require_3d=require_3d, intensity=intensity, spacing=volume.spacing, native_size=volume.native_size,
         )
 
     return opener
 
 
-register_spec("csv", syntax="csv:FILE.csv", takes_intensity=True, help=(
+register_spec("csv", syntax="csv:FILE.csv", takes_intensity=True, options=("volume",), help=(
     "manifest: 'path' relative to the CSV, optional 'label' or 'label:<name>' 0/1 columns, 'patient_id', 'split'; "
     "PNG/JPEG/TIFF, DICOM, NIfTI, MHA/NRRD; 2D resized to 224, 3D to 64 by default"))(_open_manifest(require_3d=False))
-register_spec("volumes", syntax="volumes:FILE.csv", takes_intensity=True,
+register_spec("volumes", syntax="volumes:FILE.csv", takes_intensity=True, options=("volume",),
               help="the same for 3D files only")(_open_manifest(require_3d=True))
 
 
@@ -219,7 +238,7 @@ def _open_medmnist(
 
 def open_dataset(
     spec: str, image_size: int | None = None, task: str | None = None, seed: int = 0, intensity: Any = None,
-    follow_symlinks: bool = False,
+    follow_symlinks: bool = False, volume: VolumeOptions | None = None,
 ) -> ImageDataset:
     """Opens the dataset a spec string names.
 
@@ -233,6 +252,7 @@ def open_dataset(
         intensity: :class:`~medssl.data.readers.IntensityConfig` for the specs registered with
             ``takes_intensity=True`` (files read from DICOM / NIfTI / MHA); ``None`` = ``auto``.
         follow_symlinks: ``folder:`` follows symlinked directories leading out of its root.
+        volume: :class:`VolumeOptions` (spacing, native size) for the specs that read volumes.
 
     Returns:
         The dataset, with ``name == spec``.
@@ -252,14 +272,15 @@ def open_dataset(
         raise DataError(f"unknown data spec {spec!r}; valid: {valid_specs()}")
     entry = SPECS[prefix]
     args = (spec, arg if sep else None, None if image_size is None else int(image_size), task, int(seed))
-    given = {"intensity": intensity, "follow_symlinks": follow_symlinks}
+    given = {"intensity": intensity, "follow_symlinks": follow_symlinks, "volume": volume}
     return entry.opener(*args, **{k: given[k] for k in entry.options if k in given})
 
 
 def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
     """Open the dataset of a config's ``data`` section with all its settings.
 
-    Applies, in order: the spec with ``image_size``, ``task`` and ``intensity``; the split manifest
+    Applies, in order: the spec with ``image_size``, ``task``, ``intensity`` and the volume settings (``spacing``,
+    ``volume_mode: patches`` keeps volumes at their native size, :class:`VolumeOptions`); the split manifest
     ``splits`` (``--splits FILE``); the item cache (``cache``, ``cache_dir``) for file-backed datasets.
     ``skip_bad`` is left to the caller, which decides where the list of skipped files goes; without it, files
     found unreadable while opening raise here (:meth:`~medssl.data.base.ImageDataset.check_open_errors`).
@@ -271,8 +292,10 @@ def open_from_config(data: Any, *, cache: bool | None = None) -> ImageDataset:
     from .cache import default_cache_dir
     from .splits import apply_split_manifest
 
+    volume = VolumeOptions(spacing=getattr(data, "target_spacing", None),
+                           native_size=getattr(data, "volume_mode", "resize") == "patches")
     ds = open_dataset(data.spec, image_size=data.image_size, task=data.task, intensity=data.intensity,
-                      follow_symlinks=data.follow_symlinks)
+                      follow_symlinks=data.follow_symlinks, volume=volume)
     if not data.skip_bad:
         ds.check_open_errors()
     if data.splits:

@@ -101,12 +101,13 @@ def default_lr(method_cls: type[Method], train: TrainConfig) -> float:
     return lr
 
 
-def build_method(cfg: PretrainConfig, info: DataInfo, fabric: Any) -> Method:
+def build_method(cfg: PretrainConfig, info: DataInfo, fabric: Any, *, init_weights: bool = True) -> Method:
     """The registered method ``cfg.method_name`` for data ``info`` (its per-method defaults resolved into ``cfg``
     by :func:`medssl.methods.build_method`, before ``config.yaml`` is written), initialised on Fabric's device, in
-    channels-last memory format with ``train.channels_last`` (the weights decide every conv's output format)."""
+    channels-last memory format with ``train.channels_last`` (the weights decide every conv's output format).
+    ``init_weights=False`` skips ``model.init_from`` (a resumed run's weights come from its checkpoint)."""
     with fabric.init_module():
-        method = build_registered_method(cfg, info)
+        method = build_registered_method(cfg, info, init_weights=init_weights)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last if info.spatial_dims == 2 else torch.channels_last_3d)
     return method
@@ -270,7 +271,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         method_cls = get_method(cfg.method_name)
         resolve_defaults(cfg, dataset, method_cls)
         data = build_loader(cfg, dataset, method_cls.view_spec_for(cfg.method), fabric)
-        method = build_method(cfg, data.info, fabric)
+        method = build_method(cfg, data.info, fabric, init_weights=start is None)
         model, optim = build_optimizers(fabric, method, cfg.optim, data.total_steps, cfg.method_name)
         state = TrainState(method, optim, cfg, data.steps_per_epoch)
         if start is not None:
@@ -280,8 +281,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         fabric.barrier()
         Trainer(fabric, cfg, run, data, model, optim, state, progress=progress, resumed=resume).fit()
         if fabric.is_global_zero:
-            from medssl.export import export_encoders
+            from medssl.export import export_encoders, volume_metadata
 
-            export_encoders(method, run.root)
+            export_encoders(method, run.root, volume_metadata(cfg.data, data.info.spatial_dims))
         fabric.barrier()
     return run.root

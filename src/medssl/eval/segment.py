@@ -11,6 +11,10 @@ A label fraction here is a fraction of the *training images* (with their masks),
 (e.g. lesion present / absent), plain random with the seed otherwise. The test metrics are per-image Dice
 and Jaccard (:func:`medssl.eval.metrics.dice_jaccard`) averaged over images per class and over the
 foreground classes, with bootstrap CIs over test images (patients where there are patient ids).
+
+3D volumes can be segmented with a sliding window (``window``, ``overlap``): the network is trained on one
+random window of each training volume per step and predicts the test volumes window by window (MONAI's
+``sliding_window_inference``); Dice is computed on the whole volume.
 """
 
 from __future__ import annotations
@@ -59,13 +63,24 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float 
 
 @torch.no_grad()
 def predict_scores(
-    model: nn.Module, task: ImageTask, split: str, positions: np.ndarray, batch_size: int, num_classes: int
+    model: nn.Module, task: ImageTask, split: str, positions: np.ndarray, batch_size: int, num_classes: int,
+    *, window: tuple[int, ...] | None = None, overlap: float = 0.25,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image Dice and Jaccard ``(N, K)`` of the argmax predictions on ``split`` items at ``positions``."""
+    """Per-image Dice and Jaccard ``(N, K)`` of the argmax predictions on ``split`` items at ``positions``.
+
+    With ``window`` (3D), each whole volume is predicted by sliding-window inference
+    (:func:`medssl.eval.sliding.sliding_logits`, ``overlap`` between windows) and scored whole."""
     model.eval()
     dice, jac = [], []
     for batch in task.batches(split, positions, batch_size):
-        pred = model(batch["image"].to(task.device)).argmax(dim=1).cpu().numpy()
+        images = batch["image"].to(task.device)
+        if window is not None and images.ndim == 5:
+            from medssl.eval.sliding import sliding_logits
+
+            logits = sliding_logits(model, images, window, overlap=overlap, sw_batch_size=batch_size)
+        else:
+            logits = model(images)
+        pred = logits.argmax(dim=1).cpu().numpy()
         d, j = dice_jaccard(pred, batch["mask"].numpy(), num_classes)
         dice.append(d)
         jac.append(j)
@@ -107,6 +122,8 @@ def segment_protocol(
     warmup_epochs: float = 1.0,
     num_threads: int | None = None,
     n_boot: int = DEFAULT_N_BOOT,
+    window: int | None = None,
+    overlap: float = 0.25,
 ) -> ProtocolOutput:
     """Train a segmentation decoder (and, by default, the encoder) on the training subset; score on test.
 
@@ -128,6 +145,10 @@ def segment_protocol(
         warmup_epochs: Linear warm-up length.
         num_threads: CPU threads during this call (restored afterwards).
         n_boot: Bootstrap replicates of the test CIs (0: none).
+        window: 3D: side of the sliding window the test / validation volumes are predicted with (the network is
+            built and trained at that size, on random crops of the training volumes); ``None`` = the whole volume
+            at once.
+        overlap: Sliding-window overlap in ``[0, 1)``.
 
     Returns:
         ``metrics`` ``dice`` and ``jaccard`` (mean over foreground classes), ``per_class`` Dice / Jaccard of
@@ -147,6 +168,15 @@ def segment_protocol(
         names = ["background", "foreground"]
     image_shape = tuple(int(s) for s in next(data.batches("train", train_subset[:1], 1))["image"].shape[2:])
     in_chans = int(next(data.batches("train", train_subset[:1], 1))["image"].shape[1])
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ConfigError(f"segment: overlap must be in [0, 1), got {overlap!r}")
+    sw: tuple[int, ...] | None = None
+    if window is not None:
+        if len(image_shape) != 3 or not 2 <= int(window) <= min(image_shape):
+            raise ConfigError(f"segment: window must be a 3D window side in [2, {min(image_shape)}] (the volumes' "
+                              f"smallest side), got {window!r} for images of shape {image_shape}")
+        sw = (int(window),) * 3
+        image_shape = sw
     with torch_threads(num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = copy.deepcopy(data.encoder).to(data.device)
@@ -156,6 +186,11 @@ def segment_protocol(
 
         def loss_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             x, y = batch["image"].to(data.device), batch["mask"].to(data.device)
+            if sw is not None:  # one random window per volume, image and mask alike
+                corner = [int(torch.randint(0, n - w + 1, (1,), generator=gen)) for n, w in zip(x.shape[2:], sw,
+                                                                                               strict=True)]
+                box = tuple(slice(c, c + w) for c, w in zip(corner, sw, strict=True))
+                x, y = x[(slice(None), slice(None), *box)], y[(slice(None), *box)]
             if augmentation:
                 x, y = augment(x, y, gen)
             return dice_ce_loss(m(x), y, dice_weight)
@@ -167,7 +202,7 @@ def segment_protocol(
         val_pos = None if val_subset is None or data.splits["val"].size == 0 else np.asarray(val_subset, np.int64)
         if val_pos is not None and val_pos.size:
             def validate(m: nn.Module) -> float:
-                d, j = predict_scores(m, data, "val", val_pos, batch_size, k)
+                d, j = predict_scores(m, data, "val", val_pos, batch_size, k, window=sw, overlap=overlap)
                 return segmentation_metrics_with_notes(d, j)[0]["dice"]
 
         steps = max(1, int(np.ceil(train_subset.size / batch_size)))
@@ -176,7 +211,8 @@ def segment_protocol(
                      validate=validate, patience=patience, warmup_epochs=warmup_epochs)
         if validate is None or np.isnan(result.best_score):
             notes.append(f"segment: no usable validation masks; trained all {epochs} epochs and kept the last weights")
-        dice, jac = predict_scores(model, data, "test", np.arange(data.splits["test"].size), batch_size, k)
+        dice, jac = predict_scores(model, data, "test", np.arange(data.splits["test"].size), batch_size, k,
+                                   window=sw, overlap=overlap)
     metrics, per_class, metric_notes = segmentation_metrics_with_notes(dice, jac, class_names=names)
     ci = segmentation_ci(dice, jac, groups=data.test_groups, n_boot=n_boot, seed=seed) if n_boot else None
     params: dict[str, Any] = {
@@ -184,5 +220,6 @@ def segment_protocol(
         "val_dice": result.best_score, "val_history": result.history, "early_stopped": result.early_stopped,
         "lr": lr, "freeze_encoder": freeze_encoder, "decoder": "unet" if model.kind == "cnn" else "pup",
         "num_classes": k, "batch_size": batch_size, "n_val": 0 if val_pos is None else int(val_pos.size),
+        "window": None if sw is None else list(sw), "overlap": overlap,
     }
     return ProtocolOutput(metrics, notes + metric_notes, params, ci=ci, per_class=per_class)

@@ -5,7 +5,9 @@ For L2-normalised queries ``q`` and their positive keys ``k⁺``::
     L = -log  exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ_n exp(q·n/τ))
 
 (Oord et al. 2018; He et al. 2020 "MoCo"; Chen et al. 2020 "MoCo v2"). Negatives ``n`` are a memory queue
-when one is given (MoCo), otherwise the other keys of the (globally gathered) batch.
+when one is given (MoCo), otherwise the other keys of the (globally gathered) batch. With a queue, entries that
+hold an older key of the query's own image (same dataset index: ``query_ids`` / ``queue_ids``) are left out of
+the negatives: that key is a positive, not a negative.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def info_nce(
     queue: torch.Tensor | None = None,
     gather_distributed: bool = True,
     normalize: bool = True,
+    query_ids: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE loss of ``query[i]`` against its positive ``key[i]``.
 
@@ -36,6 +40,10 @@ def info_nce(
             ``gather_distributed`` (so the loss equals the single-process loss on the global batch).
         gather_distributed: gather keys from every rank for in-batch negatives.
         normalize: L2-normalise ``query`` and ``key`` first.
+        query_ids: optional (N,) dataset index of each query's image; with ``queue_ids``, queue entries of the
+            same image are masked out of the negatives (their logit is ``-inf``).
+        queue_ids: optional (K,) dataset index of the image each queue entry was computed from (negative for
+            an entry that holds no image, e.g. the random initial queue).
 
     Returns:
         A scalar tensor: the mean over this rank's queries. Under DDP the gradient averaging across ranks
@@ -54,6 +62,12 @@ def info_nce(
         if queue is not None:
             pos = (query * key).sum(dim=1, keepdim=True)
             neg = query @ queue.float().t()
+            if query_ids is not None and queue_ids is not None:
+                if query_ids.shape != (query.shape[0],) or queue_ids.shape != (queue.shape[0],):
+                    raise ValueError(f"query_ids must be ({query.shape[0]},) and queue_ids ({queue.shape[0]},); got "
+                                     f"{tuple(query_ids.shape)} and {tuple(queue_ids.shape)}")
+                own = query_ids.to(queue_ids.device)[:, None] == queue_ids[None, :]
+                neg = neg.masked_fill(own, float("-inf"))
             logits = torch.cat([pos, neg], dim=1) / temperature
             labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
             return F.cross_entropy(logits, labels)

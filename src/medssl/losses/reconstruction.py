@@ -65,8 +65,10 @@ def reconstruction_loss(
     *,
     norm_pix: bool = True,
     eps: float = 1e-6,
+    metric: str = "mse",
 ) -> torch.Tensor:
-    """Mean squared error of predicted patches over the masked patches.
+    """Mean squared error (or, ``metric="l1"``, mean absolute error: SimMIM) of predicted patches over the masked
+    patches.
 
     Args:
         pred: ``(B, N, P)`` predicted patches.
@@ -76,19 +78,23 @@ def reconstruction_loss(
         norm_pix: normalise every target patch by its own mean and variance first (MAE's norm-pix loss);
             ``False`` = plain MSE on the pixels.
         eps: variance epsilon of ``norm_pix``.
+        metric: ``mse`` (MAE) or ``l1`` (SimMIM: ``Σ m·|p − t| / (Σ m · P)``, the mean over masked pixels).
 
     Returns:
         Scalar loss (float32).
 
     Raises:
-        ValueError: mismatched shapes.
+        ValueError: mismatched shapes or an unknown metric.
     """
+    if metric not in ("mse", "l1"):
+        raise ValueError(f"metric must be 'mse' or 'l1', got {metric!r}")
     if pred.shape != target.shape or pred.ndim != 3:
         raise ValueError(f"pred and target must both be (B, N, P), got {tuple(pred.shape)} and {tuple(target.shape)}")
     target = target.detach().float()
     if norm_pix:
         target = normalize_patches(target, eps)
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+    diff = pred.float() - target
+    per_patch = (diff.abs() if metric == "l1" else diff.pow(2)).mean(dim=-1)  # (B, N)
     if mask is None:
         return per_patch.mean()
     if mask.shape != per_patch.shape:

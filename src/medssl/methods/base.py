@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from medssl.config import PretrainConfig
 
 __all__ = ["BackboneMethod", "DataInfo", "Method", "MethodConfig", "StepOutput", "ViewSpec", "VisualPanel",
-           "check_mask_units"]
+           "check_mask_units", "init_kwargs"]
+
+
+def init_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """The ``init_from`` keywords of :func:`medssl.nn.backbones.build_backbone` a ``model:`` section asks for
+    (continued pretraining from existing weights: ``model.init_from``, ``model.init_adapt``, ``model.init_inflate``)."""
+    return {"init_from": model.init_from, "init_adapt": model.init_adapt, "init_inflate": model.init_inflate}
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,7 @@ class BackboneMethod(Method[C]):
         """
         self.backbone = build_backbone(model.backbone, in_chans=data.in_chans, image_size=data.image_size,
                                        stem=model.stem, pretrained=model.pretrained, spatial_dims=data.spatial_dims,
-                                       zero_init_last=model.zero_init_last)
+                                       zero_init_last=model.zero_init_last, **init_kwargs(model))
         check_image_fits(self.backbone, model.backbone, data.image_size)
         self.backbone_name = model.backbone
         self.stem = model.stem

@@ -24,6 +24,7 @@ in timm's key layout.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from medssl.checks import check_choice, check_range
 from medssl.config import ModelConfig
 from medssl.errors import ConfigError
 from medssl.losses.cosine import cass_loss
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput
+from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, init_kwargs
 from medssl.methods.registry import register
 from medssl.nn.backbones import build_backbone, check_image_fits, feature_dim, is_vit
 from medssl.nn.heads import projection_mlp
@@ -43,6 +44,8 @@ from medssl.transforms.intensity import normalize
 from medssl.transforms.views import ViewConfig, ViewSampler
 
 HEADS = ("logits", "mlp")
+
+log = logging.getLogger("medssl")
 
 
 @dataclass
@@ -59,12 +62,22 @@ class CASSConfig(MethodConfig):
         embed_dim: width of the shared embedding; ``0`` = 1000 for ``logits`` (the ImageNet classifier width
             the paper used), 256 for ``mlp``.
         mlp_hidden: hidden width of the ``mlp`` head.
+        vit_init_from: start the ViT from existing weights (a local file, ``timm:NAME``, ``hf-hub:ORG/NAME``; see
+            :mod:`medssl.nn.init_from`), as ``model.init_from`` does for the CNN. The paper starts both networks
+            from ImageNet weights.
+        collapse_warn_std: warn when the batch std of either network's L2-normalised embedding (x sqrt(D): about
+            1 when spread out) falls below this value, checked every ``collapse_check_every`` steps (0 = never):
+            the symmetric loss lets both networks agree on one constant vector (docs/methods/cass.md).
+        collapse_check_every: steps between two collapse checks (each reads two numbers back from the device).
     """
 
     vit_backbone: str = "vit_tiny_patch16_224"
     head: str = "logits"
     embed_dim: int = 0
     mlp_hidden: int = 2048
+    vit_init_from: str | None = None
+    collapse_warn_std: float = 0.1
+    collapse_check_every: int = 50
 
     def __post_init__(self) -> None:
         """Validate the values (recipes and ``--set`` overrides end up here).
@@ -75,6 +88,8 @@ class CASSConfig(MethodConfig):
         check_choice("head", self.head, HEADS)
         check_range("embed_dim", self.embed_dim, ge=0)
         check_range("mlp_hidden", self.mlp_hidden, ge=1)
+        check_range("collapse_warn_std", self.collapse_warn_std, ge=0)
+        check_range("collapse_check_every", self.collapse_check_every, ge=1)
 
 
 @register
@@ -105,10 +120,11 @@ class CASS(Method[CASSConfig]):
             raise ConfigError(f"cass: method.vit_backbone must be a timm vision transformer (e.g. "
                               f"vit_tiny_patch16_224), got '{vit_name}'")
         self.cnn = build_backbone(cnn_name, in_chans=data.in_chans, image_size=data.image_size,
-                                  stem=model.stem, pretrained=model.pretrained, spatial_dims=2)
+                                  stem=model.stem, pretrained=model.pretrained, spatial_dims=2, **init_kwargs(model))
         check_image_fits(self.cnn, cnn_name, data.image_size)
         self.vit = build_backbone(vit_name, in_chans=data.in_chans, image_size=data.image_size,
-                                  pretrained=model.pretrained, spatial_dims=2)
+                                  pretrained=model.pretrained, spatial_dims=2, init_from=m.vit_init_from,
+                                  init_adapt=model.init_adapt, init_key="method.vit_init_from")
         check_image_fits(self.vit, vit_name, data.image_size, key="method.vit_backbone")
         d_cnn, d_vit = feature_dim(self.cnn), feature_dim(self.vit)
         embed = m.embed_dim or (1000 if m.head == "logits" else 256)
@@ -124,6 +140,8 @@ class CASS(Method[CASSConfig]):
         self.in_chans = data.in_chans
         self.image_size = data.image_size
         self.views = ViewSampler(views, data.image_size, 2)
+        self._stds: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._warned: set[str] = set()
 
     # -- embeddings ---------------------------------------------------------------------------------
     def embed_cnn(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +168,37 @@ class CASS(Method[CASSConfig]):
                 "embedding_std_cnn": a.std(dim=0).mean() * scale if a.shape[0] > 1 else float("nan"),
                 "embedding_std_vit": b.std(dim=0).mean() * scale if b.shape[0] > 1 else float("nan"),
             }
+        if a.shape[0] > 1:
+            self._stds = (logs["embedding_std_cnn"], logs["embedding_std_vit"])  # type: ignore[assignment]
         embeddings = {"cnn_backbone": h_cnn.detach(), "cnn_head": z_cnn.detach(), "vit_backbone": h_vit.detach(),
                       "vit_head": z_vit.detach()}  # for the trainer's collapse diagnostics
         return StepOutput(loss=loss, logs=logs, embeddings=embeddings)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Every ``collapse_check_every`` steps (and at the last), warn when an embedding std is below
+        ``collapse_warn_std`` (once per network; :meth:`check_collapse`)."""
+        every = self.hparams.collapse_check_every
+        if self._stds is not None and ((step + 1) % every == 0 or step + 1 == total_steps):
+            self.check_collapse(step + 1)
+
+    def check_collapse(self, step: int) -> list[str]:
+        """Warn (log) for each network whose last embedding std is below ``collapse_warn_std``; returns the
+        warnings given now (each network warns once per run)."""
+        limit = self.hparams.collapse_warn_std
+        if self._stds is None or limit <= 0:
+            return []
+        out = []
+        for name, std in zip(("cnn", "vit"), self._stds, strict=True):
+            value = float(std)
+            if value < limit and name not in self._warned:
+                self._warned.add(name)
+                msg = (f"cass: the {name.upper()} embedding is collapsing at step {step}: embedding_std_{name} "
+                       f"{value:.3f} < method.collapse_warn_std {limit:g} (about 1 when spread out; both networks "
+                       "agree by emitting one constant vector). Start from pretrained weights (model.init_from, "
+                       "method.vit_init_from; the paper does) or see docs/methods/cass.md")
+                log.warning(msg)
+                out.append(msg)
+        return out
 
     def parameter_sets(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Two optimisers, as in the paper: ``cnn`` (CNN + its head) and ``vit`` (ViT + its head)."""

@@ -6,9 +6,11 @@ compare several masking strategies. They published neither code nor their exact 
 version is an implementation of the idea with documented choices, built the way SparK does it (Tian et al.,
 "Designing BERT for Convolutional Networks: Sparse and Hierarchical Masked Modeling", ICLR 2023):
 
-* the image (one light crop + flip view) is cut into mask units of ``mask_patch_size`` pixels / voxels and a
-  fraction is masked with any strategy of :mod:`medssl.transforms.masking` (random, block, center, slice,
-  tube); masked units are set to 0 (the mean of the normalised image) or to a learnable token;
+* the image (one light crop + flip view) is cut into mask units of ``mask_patch_size`` pixels / voxels — by
+  default the encoder's total stride (32 px for a ResNet, 8 with the CIFAR stem), SparK's choice, so that
+  every stage sees the same masked fraction as the input — and a fraction is masked with any strategy of
+  :mod:`medssl.transforms.masking` (random, block, center, slice, tube); masked units are set to 0 (the mean
+  of the normalised image) or to a learnable token;
 * a ResNet (timm in 2D, :mod:`medssl.nn.backbones3d` in 3D) encodes the masked image as if it were *sparse*
   (:mod:`medssl.nn.sparse`): after every convolution, normalisation, pooling and stage, masked positions are
   set back to zero (the mask resized to that layer's resolution), and BatchNorm statistics are computed over
@@ -28,8 +30,9 @@ medssl ResNet-3D (3D) key layout; the sparse BatchNorm is a drop-in subclass wit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,6 +50,7 @@ from medssl.methods.base import (
     check_mask_units,
 )
 from medssl.methods.registry import register
+from medssl.nn.backbones import build_backbone, output_stride
 from medssl.nn.decoders import UNetDecoder
 from medssl.nn.layers import CONV_TYPES
 from medssl.nn.patches import patchify, unpatchify
@@ -56,7 +60,12 @@ from medssl.transforms.intensity import denormalize, normalize
 from medssl.transforms.masking import MaskConfig, grid_shape_for, mask_grid, resize_mask, upsample_mask
 from medssl.transforms.views import ViewConfig, ViewSampler
 
-__all__ = ["CNNMIM", "CNNMIMConfig"]
+if TYPE_CHECKING:
+    from medssl.config import PretrainConfig
+
+__all__ = ["CNNMIM", "CNNMIMConfig", "stage_masked_fractions"]
+
+log = logging.getLogger("medssl")
 
 INPUT_FILLS = ("zero", "token")
 AUGMENTS = ("light", "views")
@@ -71,6 +80,9 @@ class CNNMIMConfig(MethodConfig):
             :mod:`medssl.transforms.masking`.
         mask_ratio: fraction of mask units masked, in ``(0, 1)`` (0.6 as in SparK).
         mask_patch_size: side of one mask unit in pixels / voxels; the image size must be a multiple of it.
+            ``0`` (default) = the encoder's total stride (SparK): then every stage's masked fraction equals the
+            input's. A smaller unit is allowed for ablations, with a warning: a coarse position counts as masked
+            only when everything it covers is, so the mask thins out and vanishes at the deep stages.
         norm_pix_loss: normalise each target patch by its own mean and std (MAE / SparK).
         input_fill: what masked input units hold: ``zero`` (the normalised mean) or ``token`` (one learnable
             value per channel).
@@ -88,7 +100,7 @@ class CNNMIMConfig(MethodConfig):
 
     mask_strategy: str = "random"
     mask_ratio: float = 0.6
-    mask_patch_size: int = 8
+    mask_patch_size: int = 0
     norm_pix_loss: bool = True
     input_fill: str = "zero"
     densify: bool = True
@@ -106,7 +118,7 @@ class CNNMIMConfig(MethodConfig):
         """
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
         check_range("mask_ratio", self.mask_ratio, gt=0, lt=1)  # (0: nothing to reconstruct)
-        check_range("mask_patch_size", self.mask_patch_size, ge=1)
+        check_range("mask_patch_size", self.mask_patch_size, ge=0)
         self.mask_config()  # validates the strategy
         check_choice("input_fill", self.input_fill, INPUT_FILLS)
         check_choice("augment", self.augment, AUGMENTS)
@@ -118,9 +130,22 @@ class CNNMIMConfig(MethodConfig):
         check_range("decoder_convs", self.decoder_convs, ge=1)
         check_range("vis_samples", self.vis_samples, ge=1)
 
-    def mask_config(self) -> MaskConfig:
-        """The :class:`~medssl.transforms.masking.MaskConfig` these settings describe."""
-        return MaskConfig(strategy=self.mask_strategy, ratio=self.mask_ratio, patch_size=self.mask_patch_size)
+    def mask_config(self, patch_size: int | None = None) -> MaskConfig:
+        """The :class:`~medssl.transforms.masking.MaskConfig` these settings describe (``patch_size``: the resolved
+        unit when ``mask_patch_size`` is 0)."""
+        return MaskConfig(strategy=self.mask_strategy, ratio=self.mask_ratio,
+                          patch_size=patch_size or self.mask_patch_size or 1)
+
+
+def stage_masked_fractions(mask_pix: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[float]:
+    """The masked fraction of a pixel mask at each stage's resolution, as the sparse encoder sees it
+    (:func:`~medssl.transforms.masking.resize_mask`: a position is masked only when everything it covers is).
+
+    Args:
+        mask_pix: ``(B, 1, *S)`` bool pixel mask.
+        shapes: the spatial shapes of the stages' feature maps.
+    """
+    return [float(resize_mask(mask_pix, shape).float().mean()) for shape in shapes]
 
 
 def _check_resnet(backbone: nn.Module, name: str) -> None:
@@ -141,6 +166,25 @@ def _stage_channels(backbone: nn.Module) -> list[int]:
     return chans
 
 
+def _default_unit(stride: int, size: int, spatial_dims: int, model: ModelConfig) -> int:
+    """The default mask unit: the encoder's total stride (SparK), or — where images are too small for that (fewer
+    than 4 units, or not a multiple of it: a 16^3 sub-volume under a stride-32 ResNet) — the largest power-of-two
+    unit below it that still cuts the image into at least 4 units, with a warning (the deep stages then see a
+    diluted mask; the constructor reports the per-stage fractions)."""
+    if size % stride == 0 and (size // stride) ** spatial_dims >= 4:
+        return stride
+    unit = stride
+    while unit > 1 and not (size % unit == 0 and (size // unit) ** spatial_dims >= 4):
+        unit //= 2
+    if unit <= 1:
+        return stride  # nothing fits: the constructor refuses with the keys named
+    log.warning("cnnmim: %d px images hold fewer than 4 mask units of the encoder's total stride %d "
+                "(model.backbone %s, model.stem %s); using %d px units instead. For small images prefer "
+                "model.stem=cifar (total stride 8) so that every stage sees the input's masked fraction.",
+                size, stride, model.backbone, model.stem, unit)
+    return unit
+
+
 @register
 class CNNMIM(BackboneMethod[CNNMIMConfig]):
     """Masked image modelling for CNNs (sparse ResNet encoder + U-Net decoder), 2D and 3D."""
@@ -154,6 +198,20 @@ class CNNMIM(BackboneMethod[CNNMIMConfig]):
     paper = ("Fernandez-Quilez et al., Self-supervised learning for 3D prostate MRI with masked image modelling, "
              "arXiv 2212.14267; Tian et al., SparK, ICLR 2023")
 
+    @classmethod
+    def resolve_defaults(cls, cfg: PretrainConfig, data: DataInfo) -> None:
+        """Record the mask unit in ``cfg.method`` when it defaults to the encoder's total stride (``0``)."""
+        if int(cfg.method.get("mask_patch_size", 0) or 0) > 0:
+            return
+        try:
+            net = build_backbone(cfg.model.backbone, in_chans=data.in_chans, image_size=data.image_size,
+                                 stem=cfg.model.stem, spatial_dims=data.spatial_dims)
+        except ConfigError:
+            return  # the constructor reports it
+        stride = int(output_stride(net) or 0)
+        if stride:
+            cfg.method["mask_patch_size"] = _default_unit(stride, data.image_size, data.spatial_dims, cfg.model)
+
     def __init__(self, hparams: CNNMIMConfig, model: ModelConfig, views: ViewConfig, data: DataInfo) -> None:
         """Build the sparse ResNet, the decoder and the mask tokens.
 
@@ -163,17 +221,36 @@ class CNNMIM(BackboneMethod[CNNMIMConfig]):
         super().__init__(hparams)
         m = self.hparams
         self.image_shape = (data.image_size,) * data.spatial_dims
-        self.mask_cfg = m.mask_config()
-        self.patch = (m.mask_patch_size,) * data.spatial_dims
-        sizes = f"data.image_size {data.image_size}, method.mask_patch_size {m.mask_patch_size}"
+        self.build_backbone(model, data)
+        _check_resnet(self.backbone, model.backbone)
+        self.stride = int(output_stride(self.backbone) or 1)
+        unit = m.mask_patch_size or self.stride
+        self.mask_cfg = m.mask_config(unit)
+        self.patch = (unit,) * data.spatial_dims
+        sizes = f"data.image_size {data.image_size}, method.mask_patch_size {unit}"
+        if unit == self.stride:
+            sizes += f" = the total stride of model.backbone {model.backbone} with model.stem {model.stem}"
         try:
             self.grid = grid_shape_for(self.image_shape, self.patch)
         except ConfigError as e:
             raise ConfigError(f"cnnmim: {e} ({sizes})") from None
-        check_mask_units(self.mask_cfg, self.grid, values_per_unit=m.mask_patch_size**data.spatial_dims * data.in_chans,
-                         norm_pix=m.norm_pix_loss, sizes=sizes)
-        self.build_backbone(model, data)
-        _check_resnet(self.backbone, model.backbone)
+        try:
+            check_mask_units(self.mask_cfg, self.grid, values_per_unit=unit**data.spatial_dims * data.in_chans,
+                             norm_pix=m.norm_pix_loss, sizes=sizes)
+        except ConfigError as e:
+            hint = ("; mask units follow the encoder's total stride, so for small images use model.stem=cifar "
+                    "(total stride 8)" if unit >= self.stride > 8 and hasattr(self.backbone, "maxpool") else "")
+            raise ConfigError(f"{e}{hint}") from None
+        self.stage_shapes = self._stage_shapes(data)
+        if unit % self.stride:
+            probe = upsample_mask(mask_grid(self.mask_cfg, 1, self.grid, generator=torch.Generator().manual_seed(0)),
+                                  self.patch)
+            fractions = ", ".join(f"{f:.2f}" for f in stage_masked_fractions(probe, self.stage_shapes))
+            log.warning("cnnmim: mask units of %d px are not a multiple of the encoder's total stride %d: the sparse "
+                        "encoder's masked fraction per stage (stem, layer1..layer4) is %s instead of %.2f at every "
+                        "stage; the deep stages train on a mostly visible image. Leave method.mask_patch_size at 0 "
+                        "(= the stride) unless this is an ablation.", unit, self.stride, fractions,
+                        float(probe.float().mean()))
         self.mask_state = MaskState()
         self._hooks = sparsify(self.backbone, self.mask_state)
         chans = _stage_channels(self.backbone)
@@ -189,6 +266,16 @@ class CNNMIM(BackboneMethod[CNNMIMConfig]):
             views = ViewConfig(crop_scale=views.crop_scale, crop_ratio=views.crop_ratio, flip_p=views.flip_p,
                                flip_axes=views.flip_axes, intensity_p=0.0, blur_p=0.0, noise_std=0.0)
         self.views = ViewSampler(views, data.image_size, data.spatial_dims)
+
+    @torch.no_grad()
+    def _stage_shapes(self, data: DataInfo) -> list[tuple[int, ...]]:
+        """Spatial shapes of the stem and stage outputs for this image size (one probe forward, eval mode)."""
+        was = self.backbone.training
+        self.backbone.eval()
+        probe = torch.zeros(1, data.in_chans, *self.image_shape, device=next(self.backbone.parameters()).device)
+        shapes = [tuple(int(s) for s in f.shape[2:]) for f in multiscale_features(self.backbone, probe)]
+        self.backbone.train(was)
+        return shapes
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def draw_mask(self, batch_size: int, device: torch.device,

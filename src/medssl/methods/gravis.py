@@ -10,7 +10,10 @@ all ``K·B`` views in one forward pass, and the loss
 image above every other view: ``L = 1 − mean_q AP(q)``, with a hardness-aware weighting of the group
 members (a documented choice; the paper does not publish its formula). There is no momentum encoder and no
 queue. Groups are formed by the dataset index of the source image (``batch["index"]``), so they survive
-DDP gathering and a short last batch.
+DDP gathering and a short last batch. Under DDP all ``K`` views of an image sit on one rank; the backbone's
+BatchNorm layers therefore take their statistics over every rank's views (``sync_bn``, as SyncBatchNorm), or the
+positives would share batch statistics that the negatives from other ranks lack (SimCLR's local-BN leak; the
+authors shuffled across GPUs).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from medssl.losses.grouping_ap import SIMILARITIES, grouping_ap_loss
 from medssl.methods.base import BackboneMethod, DataInfo, MethodConfig, StepOutput
 from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim
+from medssl.nn.batchnorm import convert_batchnorm
 from medssl.nn.heads import projection_mlp
 from medssl.transforms.intensity import normalize
 from medssl.transforms.views import ViewConfig, ViewSampler
@@ -47,6 +51,9 @@ class GraVISConfig(MethodConfig):
         detach_weights: no gradient through the hardness-aware weights.
         proj_dim: embedding width (128).
         proj_hidden: hidden width of the MLP head (2048 in the paper; ``0`` = the backbone feature width).
+        sync_bn: under DDP, BatchNorm statistics over the views of all ranks
+            (:class:`medssl.nn.batchnorm.GlobalBatchNorm2d`), so positives (all ``K`` views of an image sit on one
+            rank) share no statistics that negatives from other ranks lack; no effect in one process.
     """
 
     num_views: int = 4
@@ -57,6 +64,7 @@ class GraVISConfig(MethodConfig):
     detach_weights: bool = True
     proj_dim: int = 128
     proj_hidden: int = 2048
+    sync_bn: bool = True
 
     def __post_init__(self) -> None:
         """Validate the values (recipes and ``--set`` overrides end up here).
@@ -88,6 +96,8 @@ class GraVIS(BackboneMethod[GraVISConfig]):
         super().__init__(hparams)
         m = self.hparams
         self.build_backbone(model, data)
+        if m.sync_bn:
+            convert_batchnorm(self.backbone, "global")
         d = feature_dim(self.backbone)
         self.projector = projection_mlp(d, m.proj_hidden or d, m.proj_dim)
         self.views = ViewSampler(views, data.image_size, data.spatial_dims)

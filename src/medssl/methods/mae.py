@@ -26,7 +26,15 @@ from medssl.checks import FieldError, check_choice, check_range
 from medssl.config import ModelConfig, PretrainConfig
 from medssl.errors import ConfigError
 from medssl.losses.reconstruction import denormalize_patches, reconstruction_loss
-from medssl.methods.base import DataInfo, Method, MethodConfig, StepOutput, VisualPanel, check_mask_units
+from medssl.methods.base import (
+    DataInfo,
+    Method,
+    MethodConfig,
+    StepOutput,
+    VisualPanel,
+    check_mask_units,
+    init_kwargs,
+)
 from medssl.methods.registry import register
 from medssl.nn.backbones import build_backbone, is_vit
 from medssl.nn.masked_vit import MaskedViT, TokenDecoder, resolve_patch_size, visible_indices
@@ -145,8 +153,10 @@ class MAE(Method[MAEC]):
         self.backbone_name, self.patch, self.global_pool = self.vit_settings(model, data)
         vit = build_backbone(self.backbone_name, in_chans=data.in_chans, image_size=data.image_size,
                              pretrained=model.pretrained, spatial_dims=sd, patch_size=self.patch,
-                             global_pool=self.global_pool)
-        self.encoder = MaskedViT(vit, sd, fixed_pos_embed=not model.pretrained)
+                             global_pool=self.global_pool, **init_kwargs(model))
+        # MAE's initialisation from scratch, the same in 2D (timm's ViT) and 3D; never over loaded weights
+        scratch = not (model.pretrained or model.init_from)
+        self.encoder = MaskedViT(vit, sd, fixed_pos_embed=scratch, init_weights=scratch)
         self.mask_cfg = MaskConfig(strategy=m.mask_strategy, ratio=m.mask_ratio, patch_size=self.patch)
         self.patch_numel = self.patch**sd * data.in_chans
         check_mask_units(self.mask_cfg, self.encoder.grid, values_per_unit=self.patch_numel, norm_pix=m.norm_pix_loss,

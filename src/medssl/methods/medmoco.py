@@ -10,7 +10,10 @@ adds two parts to the MoCo v2 of :mod:`medssl.methods.mocov2` (reused by subclas
   backbone's last feature map, so the gradient reaches the backbone: ``L = L_global + w · L_local``
   (``w = 0.5``);
 * a **whitening layer** (:class:`medssl.nn.whitening.Whitening`, ``zca`` or ``iternorm``) at the end of the
-  backbone, before the projector, in both the query and the key encoder.
+  backbone, before the projector, in both the query and the key encoder. As the authors do, it whitens the last
+  feature map as one group with statistics over all ``N·H·W`` positions (``whitening_stats: feature_map``);
+  whitening every position and average-pooling equals whitening the pooled features with that ``W``, ``μ``.
+  The earlier variant, grouped whitening of the pooled features, is ``whitening_stats: pooled``.
 
 Each part can be switched off for ablations: ``method.local_weight=0``, ``method.whitening=none`` (both
 off is MoCo v2). The exported encoder is the backbone followed by the eval-mode whitening.
@@ -30,11 +33,11 @@ from medssl.config import ModelConfig
 from medssl.errors import ConfigError
 from medssl.losses.local_infonce import LocalInfoNCE
 from medssl.methods.base import DataInfo, StepOutput
-from medssl.methods.mocov2 import MoCoV2, MoCoV2Config
+from medssl.methods.mocov2 import MoCoV2, MoCoV2Config, batch_ids
 from medssl.methods.registry import register
 from medssl.nn.backbones import feature_dim, is_vit
 from medssl.nn.ema import make_ema_copy
-from medssl.nn.whitening import WHITENING_METHODS, WhitenedBackbone, Whitening
+from medssl.nn.whitening import WHITENING_METHODS, WHITENING_STATS, WhitenedBackbone, Whitening, feature_positions
 from medssl.transforms.intensity import normalize
 from medssl.transforms.views import ViewConfig
 
@@ -55,8 +58,11 @@ class MedMoCoConfig(MoCoV2Config):
         local_hidden: hidden width of the local projection MLP (``0`` = the feature map's channels).
         local_pool_size: RoIAlign bins per axis (the region feature is their mean).
         whitening: ``none``, ``zca`` or ``iternorm``.
-        whitening_group_size: channels whitened together (block-diagonal whitening; ``0`` = all). Keep it
-            below the number of samples per step (2 × batch size with the symmetric loss).
+        whitening_stats: ``feature_map`` (the paper: statistics over every position of the last feature map,
+            ``N·H·W`` samples per step) or ``pooled`` (over the ``N`` pooled features, medssl's earlier variant).
+        whitening_group_size: channels whitened together (block-diagonal whitening; ``0`` = all, the paper's one
+            group). Keep it below the number of statistics samples per step (2 × batch × H × W with
+            ``feature_map`` statistics and the symmetric loss; 2 × batch with ``pooled``).
         whitening_eps: ridge ``ε`` added to the covariance.
         whitening_momentum: weight of a new batch in the running statistics used in eval mode.
         whitening_iterations: Newton iterations ``T`` of ``iternorm``.
@@ -71,7 +77,8 @@ class MedMoCoConfig(MoCoV2Config):
     local_hidden: int = 0
     local_pool_size: int = 2
     whitening: str = "zca"
-    whitening_group_size: int = 64
+    whitening_stats: str = "feature_map"
+    whitening_group_size: int = 0
     whitening_eps: float = 1e-5
     whitening_momentum: float = 0.1
     whitening_iterations: int = 5
@@ -85,6 +92,7 @@ class MedMoCoConfig(MoCoV2Config):
         """
         super().__post_init__()
         check_choice("whitening", self.whitening, WHITENING_METHODS)
+        check_choice("whitening_stats", self.whitening_stats, WHITENING_STATS)
         check_range("local_weight", self.local_weight, ge=0)
         check_range("local_regions", self.local_regions, ge=1)
         scale = tuple(self.local_region_scale)
@@ -154,8 +162,9 @@ class MedMoCo(MoCoV2[MedMoCoConfig]):
             # The key encoder whitens with its own batch statistics, like its own BatchNorm layers.
             self.key_whitening = make_ema_copy(self.whitening)
         self.local: LocalInfoNCE | None = None
+        vit = is_vit(model.backbone)
         if m.local_weight > 0:
-            if data.spatial_dims == 2 and is_vit(model.backbone):
+            if data.spatial_dims == 2 and vit:
                 raise ConfigError(
                     f"backbone '{model.backbone}' has no spatial feature map: Med-MoCo's local term needs a "
                     "CNN backbone; use e.g. resnet18/resnet50, or set method.local_weight=0"
@@ -165,28 +174,48 @@ class MedMoCo(MoCoV2[MedMoCoConfig]):
                 proj_hidden=m.local_hidden, proj_dim=m.local_dim, temperature=m.local_temperature,
                 output_size=m.local_pool_size,
             )
+        if m.whitening != "none" and m.whitening_stats == "feature_map" and vit:
+            raise ConfigError(
+                f"backbone '{model.backbone}' has no spatial feature map: method.whitening_stats=feature_map whitens "
+                "a CNN's last feature map; use a CNN or method.whitening_stats=pooled"
+            )
         self._warned_small_map = False
 
     # -- encoders -----------------------------------------------------------------------------------
+    @property
+    def _map_stats(self) -> bool:
+        return self.whitening is not None and self.hparams.whitening_stats == "feature_map"
+
+    def _whiten(self, whitening: nn.Module, backbone: nn.Module, x: torch.Tensor,
+                fmap: torch.Tensor | None = None, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled, whitened pooled)`` features of ``x``, statistics from the feature map's positions or the
+        pooled features (``whitening_stats``)."""
+        if self.hparams.whitening_stats == "feature_map":
+            if fmap is None:
+                fmap, h = feature_map_and_pooled(backbone, x)
+            return h, whitening(h, stats=feature_positions(fmap))
+        h = backbone(x) if h is None else h
+        return h, whitening(h)
+
     def embed_query(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Query outputs: ``backbone`` (pooled, before whitening), ``whitened``, ``projector`` and, when the
-        local term is on, the last ``feature_map``."""
+        local term is on or the whitening takes feature-map statistics, the last ``feature_map``."""
         out: dict[str, torch.Tensor] = {}
-        if self.local is not None:
+        if self.local is not None or self._map_stats:
             out["feature_map"], h = feature_map_and_pooled(self.backbone, x)
         else:
             h = self.backbone(x)
         out["backbone"] = h
         if self.whitening is not None:
-            h = self.whitening(h)
+            _, h = self._whiten(self.whitening, self.backbone, x, out.get("feature_map"), h)
             out["whitened"] = h
         out["projector"] = self.projector(h)
         return out
 
     def embed_key(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.key_backbone(x)
-        if self.key_whitening is not None:
-            h = self.key_whitening(h)
+        if self.key_whitening is None:
+            return self.key_projector(self.key_backbone(x))
+        _, h = self._whiten(self.key_whitening, self.key_backbone, x)
         return self.key_projector(h)
 
     # -- step -----------------------------------------------------------------------------------------
@@ -195,7 +224,7 @@ class MedMoCo(MoCoV2[MedMoCoConfig]):
         w1 = self.views(images)
         w2 = self.views(images)
         v1, v2 = normalize(w1.images), normalize(w2.images)
-        out, qd = self.global_step(v1, v2)
+        out, qd = self.global_step(v1, v2, batch_ids(batch, images))
         if self.local is None:
             return out
         b = images.shape[0]

@@ -74,7 +74,7 @@ def resolve_method_config(section: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def build_method(cfg: PretrainConfig, data: DataInfo) -> Method[Any]:
+def build_method(cfg: PretrainConfig, data: DataInfo, *, init_weights: bool = True) -> Method[Any]:
     """Build the method a run config names, for data described by ``data``: the one construction path.
 
     First :meth:`~medssl.methods.base.Method.resolve_defaults` fills in, in ``cfg``, the settings the method
@@ -83,9 +83,18 @@ def build_method(cfg: PretrainConfig, data: DataInfo) -> Method[Any]:
     ``cfg.views`` and ``data``. Settings that only fail together with the data (a patch size that does not
     divide the image, an image smaller than the backbone's stride) raise here, before anything trains.
 
+    ``init_weights=False`` builds without reading the ``init_from`` weights (``model.init_from`` and any method
+    field ending in ``init_from``): for a method whose weights come from a checkpoint next (``--resume``,
+    ``evaluate --checkpoint``), so that a moved or deleted initial weights file does not matter there.
+
     Raises:
         ConfigError: an unknown method or settings that do not fit the data, naming the keys.
     """
     cls = get_method(cfg.method_name)
     cls.resolve_defaults(cfg, data)
-    return cls(cls.parse_hparams(cfg.method), cfg.model, cfg.views, data)
+    hparams, model = cls.parse_hparams(cfg.method), cfg.model
+    if not init_weights:
+        model = dataclasses.replace(model, init_from=None)
+        hparams = dataclasses.replace(hparams, **{f.name: None for f in dataclasses.fields(hparams)
+                                                 if f.name.endswith("init_from")})
+    return cls(hparams, model, cfg.views, data)

@@ -109,6 +109,11 @@ def build_backbone(
     patch_size: int | None = None,
     global_pool: str | None = None,
     zero_init_last: bool | None = None,
+    init_from: str | None = None,
+    init_adapt: str = "sum",
+    init_inflate: bool = False,
+    init_key: str = "model.init_from",
+    dynamic_img_size: bool = False,
 ) -> nn.Module:
     """Create a timm backbone that returns pooled features ``(B, num_features)``.
 
@@ -124,11 +129,32 @@ def build_backbone(
         global_pool: ViT pooling, ``token`` or ``avg`` (mean of the patch tokens after the final norm, built
             with ``fc_norm=False`` so the key layout stays timm's default); ``None`` = the model's own.
         zero_init_last: start every residual block's last norm at scale 0 (``True``, timm's default) or 1
-            (``False``), see :func:`set_zero_init_last`; ``None`` = as built. Not applied to pretrained weights.
+            (``False``), see :func:`set_zero_init_last`; ``None`` = as built. Not applied to pretrained weights
+            (ImageNet or ``init_from``).
+        init_from: start from these weights (:func:`medssl.nn.init_from.load_init_weights`: a local file,
+            ``timm:NAME`` or ``hf-hub:ORG/NAME``), with ``init_adapt`` / ``init_inflate``; ``init_key`` is the config
+            key named in its errors.
+        dynamic_img_size: a 2D timm ViT that also takes other image sizes (its position embeddings resampled on
+            the fly; DINO's local crops). The weights are the same.
 
     Raises:
         ConfigError: unknown name, unsupported stem, or weights that cannot be downloaded.
+        CheckpointError: ``init_from`` weights that cannot be read or do not fit.
     """
+    model = _build(name, in_chans=in_chans, image_size=image_size, stem=stem, pretrained=pretrained,
+                   spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool,
+                   dynamic_img_size=dynamic_img_size)
+    if zero_init_last is not None and not pretrained:
+        set_zero_init_last(model, zero_init_last)
+    if init_from is not None:
+        from medssl.nn.init_from import load_init_weights
+
+        load_init_weights(model, init_from, key=init_key, adapt=init_adapt, inflate=init_inflate)
+    return model
+
+
+def _build(name: str, *, in_chans: int, image_size: int | None, stem: str, pretrained: bool, spatial_dims: int,
+           patch_size: int | None, global_pool: str | None, dynamic_img_size: bool) -> nn.Module:
     if spatial_dims == 3:
         from medssl.nn.vit3d import build_vit3d, vit3d_name
 
@@ -146,6 +172,8 @@ def build_backbone(
         raise ConfigError(f"unknown backbone '{name}': not a timm model name{hint}")
     kwargs = timm_kwargs(name, in_chans=in_chans, image_size=image_size, patch_size=patch_size,
                          global_pool=global_pool)
+    if dynamic_img_size and is_vit(name):
+        kwargs["dynamic_img_size"] = True
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # network errors come in many types (OSError, HF hub errors, URLError)
@@ -157,8 +185,6 @@ def build_backbone(
         raise ConfigError(f"could not build backbone '{name}': {e}") from None
     if stem == "cifar":
         apply_cifar_stem(model)
-    if zero_init_last is not None and not pretrained:
-        set_zero_init_last(model, zero_init_last)
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -29,3 +30,12 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float) -> None:
         raise ValueError("EMA and online modules have different parameter lists")
     torch._foreach_mul_(ema_params, momentum)
     torch._foreach_add_(ema_params, online_params, alpha=1.0 - momentum)
+
+
+def cosine_momentum(base: float, step: int, total_steps: int) -> float:
+    """The EMA momentum at ``step`` of ``total_steps``, rising from ``base`` to 1 on a half cosine (BYOL, DINO,
+    MoCo v3): ``m = 1 − (1 − base) · (1 + cos(π · step / total_steps)) / 2``; ``base`` when ``total_steps <= 0``."""
+    if total_steps <= 0:
+        return base
+    t = min(max(step / total_steps, 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * t)) / 2.0

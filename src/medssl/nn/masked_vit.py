@@ -27,7 +27,7 @@ from torch import nn
 from medssl.errors import ConfigError
 from medssl.nn.attention import transformer_block
 from medssl.nn.patches import as_patch_size, interpolate_tokens, sincos_pos_embed
-from medssl.nn.vit3d import init_transformer_weights
+from medssl.nn.vit3d import init_transformer_weights, init_vit_weights
 
 #: tokens per side the default patch size aims at when the model's own patch would give too few tokens
 _FALLBACK_SIDE = {2: 8, 3: 4}
@@ -96,12 +96,16 @@ class MaskedViT(nn.Module):
         spatial_dims: 2 or 3.
         fixed_pos_embed: replace the position embeddings by fixed sine-cosine ones and freeze them (MAE's
             choice); leave off for pretrained weights.
+        init_weights: re-initialise the ViT as MAE does (:func:`~medssl.nn.vit3d.init_vit_weights`: xavier-uniform
+            linear layers, ``qkv`` included) — timm's 2D ViTs come with their own initialisation (truncated
+            normal, std 0.02), medssl's 3D ViT with MAE's already; leave off for pretrained weights.
 
     Raises:
         ConfigError: a model this wrapper cannot drive (no patch embedding / blocks, dynamic image size).
     """
 
-    def __init__(self, vit: nn.Module, spatial_dims: int, fixed_pos_embed: bool = True) -> None:
+    def __init__(self, vit: nn.Module, spatial_dims: int, fixed_pos_embed: bool = True,
+                 init_weights: bool = False) -> None:
         super().__init__()
         for attr in ("patch_embed", "blocks", "norm", "pos_embed", "cls_token"):
             if not hasattr(vit, attr):
@@ -115,16 +119,27 @@ class MaskedViT(nn.Module):
         self.num_patches = math.prod(self.grid)
         self.embed_dim = int(vit.embed_dim)
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
+        if init_weights:
+            init_vit_weights(vit)
         if fixed_pos_embed and vit.pos_embed is not None:
             prefix = 0 if getattr(vit, "no_embed_class", False) else self.num_prefix_tokens
             with torch.no_grad():
                 vit.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid, num_prefix_tokens=prefix))
             vit.pos_embed.requires_grad_(False)
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch tokens with their position embeddings ``(B, N, D)`` and prefix tokens ``(B, P, D)``."""
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with their position embeddings ``(B, N, D)`` and prefix tokens ``(B, P, D)``.
+
+        With ``mask`` ``(B, N)`` (``True`` = masked) and ``mask_token`` ``(1, 1, D)``, the embeddings of the masked
+        patches are replaced by the mask token before the position embeddings are added (SimMIM's full-sequence
+        encoder).
+        """
         vit = self.vit
         tokens = vit.patch_embed(x)
+        if mask is not None and mask_token is not None:
+            w = mask.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1 - w) + mask_token.to(tokens.dtype) * w
         b = tokens.shape[0]
         prefix = [vit.cls_token.expand(b, -1, -1)] if vit.cls_token is not None else []
         if getattr(vit, "reg_token", None) is not None:
@@ -139,19 +154,22 @@ class MaskedViT(nn.Module):
                 tokens = tokens + pos[:, pre.shape[1] :]
         return tokens, pre
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the visible tokens.
 
         Args:
             x: normalised images ``(B, C, *spatial)``.
             ids_keep: ``(B, N_visible)`` indices of the visible patches (:func:`visible_indices`);
                 ``None`` = all patches.
+            mask: with ``mask_token``: masked patches enter as the mask token (see :meth:`embed`).
+            mask_token: ``(1, 1, D)``.
 
         Returns:
             ``(B, P + N_visible, D)``: prefix tokens then the visible tokens in ``ids_keep`` order, after the
             final norm.
         """
-        tokens, pre = self.embed(x)
+        tokens, pre = self.embed(x, mask, mask_token)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         h = torch.cat([pre, tokens], dim=1)

@@ -24,18 +24,29 @@ from torch import nn
 from medssl.errors import ConfigError
 from medssl.nn.decoders import ConvBlock, UNetDecoder
 from medssl.nn.layers import conv, linear_mode
+from medssl.nn.whitening import Whitening, whiten_map
 from medssl.transforms.intensity import normalize
 
-__all__ = ["ProgressiveUpsamplingDecoder", "SegmentationNet", "core_backbone", "is_resnet_like", "is_vit_like",
-           "multiscale_features"]
+__all__ = ["ProgressiveUpsamplingDecoder", "SegmentationNet", "core_backbone", "encoder_whitening", "is_resnet_like",
+           "is_vit_like", "multiscale_features"]
 
 
 def core_backbone(encoder: nn.Module) -> nn.Module:
-    """The network inside an :class:`~medssl.nn.backbones.Encoder` (without a Med-MoCo whitening layer)."""
+    """The network inside an :class:`~medssl.nn.backbones.Encoder` (without a Med-MoCo whitening layer: see
+    :func:`encoder_whitening`)."""
     net = getattr(encoder, "backbone", encoder)
-    if hasattr(net, "whitening") and hasattr(net, "backbone"):  # Med-MoCo: dense features come before whitening
+    if hasattr(net, "whitening") and hasattr(net, "backbone"):  # Med-MoCo: the whitening follows the network
         net = net.backbone
     return net
+
+
+def encoder_whitening(encoder: nn.Module) -> nn.Module | None:
+    """The whitening layer that ends an encoder (Med-MoCo's :class:`~medssl.nn.whitening.WhitenedBackbone`: a
+    :class:`~medssl.nn.whitening.Whitening` or its folded ``nn.Linear``), or ``None``."""
+    net = getattr(encoder, "backbone", encoder)
+    if hasattr(net, "whitening") and hasattr(net, "backbone"):
+        return net.whitening
+    return None
 
 
 def is_vit_like(net: nn.Module) -> bool:
@@ -121,6 +132,9 @@ class SegmentationNet(nn.Module):
         freeze_encoder: keep the encoder's weights and batch-norm statistics fixed (``eval()`` even when the
             network trains).
 
+    A CNN encoder that ends with a whitening layer (Med-MoCo) feeds the decoder its **whitened** last feature map:
+    the eval-mode whitening applied at every position (a 1×1 convolution), as Med-MoCo whitens that map.
+
     Raises:
         ConfigError: an encoder without usable dense features.
     """
@@ -133,6 +147,11 @@ class SegmentationNet(nn.Module):
         self.freeze_encoder = freeze_encoder
         self.spatial_dims = len(image_shape)
         self.kind = "vit" if is_vit_like(self.net) else "cnn"
+        white = encoder_whitening(encoder) if self.kind == "cnn" else None
+        if isinstance(white, Whitening):  # an in-memory layer: its eval-mode transform, as the export writes it
+            white = white.to_linear()
+            white.requires_grad_(not freeze_encoder)
+        self.whitening = white
         was = self.net.training
         self.net.eval()
         with torch.no_grad():
@@ -168,4 +187,7 @@ class SegmentationNet(nn.Module):
         shape = images.shape[2:]
         if self.kind == "vit":
             return self.decoder(self._tokens(x), shape)
-        return self.decoder(multiscale_features(self.net, x), out_shape=shape)
+        feats = multiscale_features(self.net, x)
+        if self.whitening is not None:
+            feats[-1] = whiten_map(self.whitening, feats[-1])
+        return self.decoder(feats, out_shape=shape)

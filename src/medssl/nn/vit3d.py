@@ -88,10 +88,7 @@ class ViT3d(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        nn.init.normal_(self.cls_token, std=0.02)
-        init_transformer_weights(self)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        init_vit_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, ``(B, 1 + N, D)``."""
@@ -102,6 +99,25 @@ class ViT3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.forward_features(x)
         return tokens[:, 1:].mean(dim=1) if self.global_pool == "avg" else tokens[:, 0]
+
+
+def init_vit_weights(vit: nn.Module) -> None:
+    """MAE's initialisation of a whole ViT (He et al. 2022), the one medssl uses for every ViT it trains from
+    scratch, 2D (timm) and 3D (:class:`ViT3d`): xavier-uniform linear layers (``qkv`` included, as one
+    ``(3D, D)`` matrix), zero biases, unit LayerNorms; the patch embedding's convolution xavier-uniform as the
+    ``(D, C·patch)`` matrix it is; class / register tokens normal with std 0.02. Position embeddings are left
+    alone (MAE fixes them to sine-cosine; see :class:`~medssl.nn.masked_vit.MaskedViT`).
+    """
+    for name in ("cls_token", "reg_token"):
+        token = getattr(vit, name, None)
+        if isinstance(token, torch.Tensor):
+            nn.init.normal_(token, std=0.02)
+    init_transformer_weights(vit)
+    proj = getattr(getattr(vit, "patch_embed", None), "proj", None)
+    if proj is not None and getattr(proj, "weight", None) is not None:
+        w = proj.weight
+        with torch.no_grad():
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
 
 def init_transformer_weights(module: nn.Module) -> None:

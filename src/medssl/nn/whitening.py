@@ -17,8 +17,12 @@ medical images (Jing et al., ICLR 2022). For centred features ``x`` with covaria
   with many iterations it converges to ZCA. The iterates are computed in the equivalent coupled
   Newton–Schulz form, which stays accurate for any ``T`` (see :func:`iternorm_matrix`).
 
-Channels are whitened in groups of ``group_size`` (block-diagonal ``W``), as both papers do: a batch of
-``N`` samples estimates at most ``N − 1`` directions, so groups should be smaller than the batch.
+Channels are whitened in groups of ``group_size`` (block-diagonal ``W``), as DBN and IterNorm do: a batch of
+``N`` samples estimates at most ``N − 1`` directions, so groups should be smaller than the batch. Med-MoCo
+whitens the backbone's last **feature map** as one group, with statistics over all ``N·H·W`` positions
+(``forward(pooled, stats=positions)``): enough samples for one group of every channel. Since the layer is affine,
+whitening every position and then average-pooling equals whitening the pooled features with the same ``W`` and
+``μ``, which is what the layer computes.
 
 In training mode the batch statistics are used (optionally gathered across ranks) and exponential moving
 averages of the mean and covariance are kept; in eval mode ``W`` is computed from the running covariance,
@@ -35,8 +39,11 @@ from medssl import distributed as dist_utils
 from medssl.errors import ConfigError
 
 WHITENING_METHODS = ("none", "zca", "iternorm")
+#: where the statistics come from: every position of the last feature map (Med-MoCo) or the pooled features
+WHITENING_STATS = ("feature_map", "pooled")
 
-__all__ = ["WHITENING_METHODS", "Whitening", "WhitenedBackbone", "inv_sqrt_psd", "iternorm_matrix", "zca_matrix"]
+__all__ = ["WHITENING_METHODS", "WHITENING_STATS", "Whitening", "WhitenedBackbone", "feature_positions", "inv_sqrt_psd",
+           "iternorm_matrix", "whiten_map", "zca_matrix"]
 
 
 class _InvSqrtPSD(torch.autograd.Function):
@@ -186,13 +193,23 @@ class Whitening(nn.Module):
         """``(N, d) → (G, N, g)``."""
         return x.reshape(x.shape[0], self.num_groups, self.group_size).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """Whiten ``x`` ``(N, d)``.
+
+        Args:
+            x: the features to whiten.
+            stats: optional ``(M, d)`` samples the training-mode statistics are computed from instead of ``x``
+                (Med-MoCo: every position of the feature map whose average is ``x``). Ignored in eval mode.
+        """
         if x.ndim != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"Whitening expects (N, {self.num_features}) features, got {tuple(x.shape)}")
+        if stats is not None and (stats.ndim != 2 or stats.shape[1] != self.num_features):
+            raise ValueError(f"Whitening statistics must be (M, {self.num_features}), got {tuple(stats.shape)}")
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(self.compute_dtype)
             if self.training:
-                xs = dist_utils.gather(xc) if self.gather_distributed else xc
+                xs = xc if stats is None else stats.to(self.compute_dtype)
+                xs = dist_utils.gather(xs) if self.gather_distributed else xs
                 n = xs.shape[0]
                 mean = xs.mean(dim=0)
                 centred = self._grouped(xs - mean)
@@ -223,6 +240,18 @@ class Whitening(nn.Module):
         lin.weight.copy_(w.float())
         lin.bias.copy_(b.float())
         return lin.to(self.running_mean.device)
+
+
+def feature_positions(fmap: torch.Tensor) -> torch.Tensor:
+    """The positions of a feature map ``(N, C, *S)`` as samples ``(N·ΠS, C)``."""
+    return fmap.movedim(1, -1).reshape(-1, fmap.shape[1])
+
+
+def whiten_map(whitening: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """Apply a whitening layer (a :class:`Whitening` or its folded ``nn.Linear``) to every position of a feature
+    map ``(N, C, *S)``: a 1×1 convolution with the whitening's ``W`` and bias ``−W μ``."""
+    y = whitening(feature_positions(fmap))
+    return y.reshape(fmap.shape[0], *fmap.shape[2:], -1).movedim(-1, 1)
 
 
 class WhitenedBackbone(nn.Module):
