@@ -327,7 +327,7 @@ class TrainConfig:
     drop_last: bool = True
     deterministic: bool = False
     collapse_every_n_steps: int = 50
-    collapse_alarm_rank: float = 0.015
+    collapse_alarm_rank: float = 0.01
     collapse_alarm_std: float = 0.1
     collapse_alarm_patience: int = 3
     stop_on_collapse: bool = False

@@ -65,7 +65,7 @@ class CollapseAlarm:
         patience: consecutive collapsed diagnostics before the alarm fires (0 = the alarm is off).
     """
 
-    rank_fraction: float = 0.015
+    rank_fraction: float = 0.01
     min_std: float = 0.1
     patience: int = 3
     streak: int = 0
