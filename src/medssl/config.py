@@ -56,6 +56,10 @@ class ModelConfig:
         stem: ``default`` keeps timm's stem; ``cifar`` replaces a ResNet stem by a 3x3 stride-1 convolution
             without max-pool, for small inputs (28-64 px) where the default stem throws away 4x resolution.
         pretrained: load ImageNet weights through timm (needs network access).
+        zero_init_last: start the last BatchNorm of every residual block at scale 0, as timm does by default
+            (each block starts as the identity), instead of 1. ``false`` (the default, chosen by measurement:
+            docs/methods/mocov2.md) trains better features in short contrastive runs on small images. ResNet-style
+            timm backbones only; ignored with ``pretrained``.
         patch_size: ViT patch side in pixels / voxels; ``None`` = the model's own (masked-image methods pick
             a smaller one for small images and record it here, see
             :func:`medssl.nn.masked_vit.resolve_patch_size`). Ignored by CNNs.
@@ -72,6 +76,7 @@ class ModelConfig:
     backbone: str = "resnet18"
     stem: str = "default"
     pretrained: bool = False
+    zero_init_last: bool = False
     patch_size: int | None = None
     global_pool: str | None = None
     init_from: str | None = None
@@ -294,6 +299,14 @@ class TrainConfig:
         collapse_every_n_steps: every this many steps (and at the last step) the effective rank and the std
             of the embeddings a method reports (``StepOutput.embeddings``) go into metrics.csv as
             ``<name>_eff_rank`` / ``<name>_std`` columns (:mod:`medssl.eval.collapse`); 0 = off.
+        collapse_alarm_rank: the collapse alarm (:mod:`medssl.engine.alarm`) counts a diagnostic as collapsed
+            when a projector's effective rank is below this fraction of its largest possible value
+            ``min(width, samples - 1)`` (0 = rank not checked).
+        collapse_alarm_std: ... or when its normalised std (``<name>_std``, ~1 when spread out) is below this
+            (0 = std not checked).
+        collapse_alarm_patience: collapsed diagnostics in a row before the alarm fires (a loud warning and
+            ``collapse_alarm = 1`` in metrics.csv); 0 = no alarm.
+        stop_on_collapse: when the alarm fires, write a checkpoint and stop (exit code 3) instead of going on.
         visualize_every_n_steps: every this many steps (and at the last step) methods that draw something
             (:meth:`medssl.methods.base.Method.visualize`: reconstructions of masked image modelling) write
             ``RUN/reconstructions/step_XXXXXX.png``; 0 = off.
@@ -303,7 +316,9 @@ class TrainConfig:
 
     Every value is checked when the section is built (``__post_init__``): counts >= 1 (``batch_size``,
     ``epochs``, ``max_steps``, ``devices``, ``num_nodes``, ``log_every_n_steps``), cadences >= 0 (0 = off),
-    ``seed`` in ``[0, MAX_SEED]``, ``accelerator`` and ``precision`` among their choices.
+    ``seed`` in ``[0, MAX_SEED]``, ``accelerator`` and ``precision`` among their choices, ``collapse_alarm_rank``
+    in ``[0, 1]``, ``collapse_alarm_std`` and ``collapse_alarm_patience`` >= 0, ``stop_on_collapse`` only with the
+    diagnostics and the alarm on.
     """
 
     batch_size: int = 64
@@ -318,6 +333,10 @@ class TrainConfig:
     drop_last: bool = True
     deterministic: bool = False
     collapse_every_n_steps: int = 50
+    collapse_alarm_rank: float = 0.01
+    collapse_alarm_std: float = 0.1
+    collapse_alarm_patience: int = 3
+    stop_on_collapse: bool = False
     visualize_every_n_steps: int = 200
     channels_last: bool = False
 
@@ -332,6 +351,12 @@ class TrainConfig:
         check_range("num_nodes", self.num_nodes, ge=1)
         check_range("log_every_n_steps", self.log_every_n_steps, ge=1)
         check_range("collapse_every_n_steps", self.collapse_every_n_steps, ge=0)
+        check_range("collapse_alarm_rank", self.collapse_alarm_rank, ge=0, le=1)
+        check_range("collapse_alarm_std", self.collapse_alarm_std, ge=0)
+        check_range("collapse_alarm_patience", self.collapse_alarm_patience, ge=0)
+        if self.stop_on_collapse and (not self.collapse_every_n_steps or not self.collapse_alarm_patience):
+            raise FieldError("stop_on_collapse", "needs collapse_every_n_steps > 0 and collapse_alarm_patience > 0 "
+                             "(the alarm is what stops the run)")
         check_range("visualize_every_n_steps", self.visualize_every_n_steps, ge=0)
 
 

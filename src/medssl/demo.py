@@ -24,6 +24,9 @@ def run_demo(out: str | Path = "runs/demo", *, max_steps: int | None = None) -> 
     run = out / "pretrain"
     t0 = time.perf_counter()
     print(f"[demo] pretraining mocov2 on phantom2d into {run} (recipe {DEMO_RECIPE})", flush=True)
+    print("[demo] 250 steps x 64 images: the time is 16,000 / (img/s on the progress lines) plus ~2 min of "
+          "evaluation; ~8 min on an idle 2-core machine, several times that on a busy one. Numbers vary by about "
+          "one seed-std between machines (docs/demo.md).", flush=True)
     if (run / "encoder.safetensors").is_file():
         print("[demo] finished pretraining run found; reusing it", flush=True)
     else:

@@ -22,6 +22,7 @@ import torch
 
 from medssl import distributed as dist_utils
 from medssl.config import PretrainConfig, TrainConfig
+from medssl.engine.alarm import CollapseAlarm, TrainingCollapsed
 from medssl.engine.checkpoint import rng_state, save_and_rotate
 from medssl.engine.guard import StepGuard, TrainingInterrupted
 from medssl.engine.loader import TrainData, build_loader, open_data, pretrain_indices
@@ -85,11 +86,21 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 def resolve_defaults(cfg: PretrainConfig, dataset: Any, method_cls: type[Method]) -> None:
     """Fill the defaults that depend on the data and the method, so ``config.yaml`` records the values used:
-    ``data.image_size`` (the dataset's native size) and ``optim.lr`` (the method's ``default_lr``)."""
+    ``data.image_size`` (the dataset's native size) and ``optim.lr`` (:func:`default_lr`)."""
     if cfg.data.image_size is None:
         cfg.data.image_size = int(dataset.image_size)
     if cfg.optim.lr is None:
-        cfg.optim.lr = float(method_cls.default_lr)
+        cfg.optim.lr = default_lr(method_cls, cfg.train)
+
+
+def default_lr(method_cls: type[Method], train: TrainConfig) -> float:
+    """The method's ``default_lr``, scaled linearly with the global batch when the method names the batch it is
+    for (``lr_reference_batch``; MoCo v2: 0.06 at 128, the rule of lightly's CIFAR-10 benchmarks)."""
+    lr = float(method_cls.default_lr)
+    ref = getattr(method_cls, "lr_reference_batch", None)
+    if ref:
+        lr *= train.batch_size * train.devices * train.num_nodes / ref
+    return lr
 
 
 def build_method(cfg: PretrainConfig, info: DataInfo, fabric: Any, *, init_weights: bool = True) -> Method:
@@ -157,10 +168,12 @@ class Trainer:
         if self.trackers and not resumed:
             self.trackers.log_hyperparams(cfg.to_dict())
         bar = Progress(data.total_steps, start_step=state.step, enabled=progress and fabric.is_global_zero)
+        t = cfg.train
+        self.alarm = CollapseAlarm(rank_fraction=t.collapse_alarm_rank, min_std=t.collapse_alarm_std,
+                                   patience=t.collapse_alarm_patience)
         self.window = MetricsWindow(fabric, csv, bar, global_batch=data.global_batch, total_steps=data.total_steps,
-                                    log_every=cfg.train.log_every_n_steps,
-                                    collapse_every=cfg.train.collapse_every_n_steps, start_step=state.step,
-                                    trackers=self.trackers)
+                                    log_every=t.log_every_n_steps, collapse_every=t.collapse_every_n_steps,
+                                    start_step=state.step, alarm=self.alarm, trackers=self.trackers)
         self.guard = StepGuard(fabric, cfg.checkpoint.on_sigterm, run.last)
 
     def fit(self) -> None:
@@ -194,6 +207,8 @@ class Trainer:
             self._after_step(out, batch, epoch)
         if verdict.stop:
             self._interrupt()
+        if self.cfg.train.stop_on_collapse and self.alarm.streak >= self.alarm.patience > 0:
+            self._stop_collapsed()
         return self.state.step >= self.data.total_steps
 
     def _after_step(self, out: Any, batch: dict[str, torch.Tensor], epoch: int) -> None:
@@ -219,6 +234,16 @@ class Trainer:
             save_and_rotate(ckpt, self.run.last, step=self.state.step,
                             keep_last_k=self.cfg.checkpoint.keep_last_k)
         self.fabric.barrier()
+
+    def _stop_collapsed(self) -> None:
+        """``train.stop_on_collapse``: flush the metrics row, write a checkpoint, stop with exit code 3."""
+        self.window.maybe_log(self.state.step, self.state.step // self.data.steps_per_epoch, self.optim.lrs(),
+                              force=True)
+        self.save_checkpoint()
+        raise TrainingCollapsed(
+            f"stopped by the collapse alarm (train.stop_on_collapse) after step {self.state.step} of "
+            f"{self.data.total_steps}; see the warning above for the likely causes. Checkpoint: {self.run.last}"
+        )
 
     def _interrupt(self) -> None:
         self.save_checkpoint()

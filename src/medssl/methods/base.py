@@ -106,6 +106,9 @@ class Method(nn.Module, Generic[C]):
         description: one line for ``medssl methods``.
         config_cls: dataclass of the method's hyper-parameters (the ``method:`` section of a recipe), ``C``.
         default_lr: peak learning rate when the recipe gives none, for ``default_optimizer``.
+        lr_reference_batch: when set, ``default_lr`` is the rate at this global batch and the default scales
+            linearly with the global batch (``default_lr × batch × devices × nodes / lr_reference_batch``, the
+            linear scaling rule of Goyal et al. 2017); ``None`` = ``default_lr`` at every batch size.
         default_optimizer: ``sgd`` or ``adamw``.
         paper: citation.
         supported_spatial_dims: the image dimensionalities the method trains on (2D images, 3D volumes).
@@ -119,6 +122,7 @@ class Method(nn.Module, Generic[C]):
     description: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 0.03
+    lr_reference_batch: ClassVar[int | None] = None
     default_optimizer: ClassVar[str] = "sgd"
     paper: ClassVar[str] = ""
     supported_spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
@@ -214,7 +218,7 @@ class BackboneMethod(Method[C]):
         """
         self.backbone = build_backbone(model.backbone, in_chans=data.in_chans, image_size=data.image_size,
                                        stem=model.stem, pretrained=model.pretrained, spatial_dims=data.spatial_dims,
-                                       **init_kwargs(model))
+                                       zero_init_last=model.zero_init_last, **init_kwargs(model))
         check_image_fits(self.backbone, model.backbone, data.image_size)
         self.backbone_name = model.backbone
         self.stem = model.stem

@@ -90,7 +90,8 @@ class MoCoV2(BackboneMethod[MC]):
     name = "mocov2"
     description = "MoCo v2: momentum encoder + queue of negatives, InfoNCE (He et al. 2020; Chen et al. 2020)"
     config_cls = MoCoV2Config
-    default_lr = 0.03
+    default_lr = 0.06
+    lr_reference_batch = 128  # 0.06 x global batch / 128: 0.03 at 64, 0.12 at 256 (docs/methods/mocov2.md)
     default_optimizer = "sgd"
     paper = "Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv 2003.04297"
 

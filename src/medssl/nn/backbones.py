@@ -47,6 +47,27 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_zero_init_last(model: nn.Module, zero: bool) -> int:
+    """Set the scale (BatchNorm weight) of the last norm of every timm residual block to 0 (``zero``) or 1.
+
+    timm ResNets zero-initialise it by default (``zero_init_last``, Goyal et al. 2017): each block starts as the
+    identity. medssl measured that this start hurts short contrastive pretraining of small images (docs/methods/
+    mocov2.md), hence ``model.zero_init_last``. Blocks are found by timm's ``zero_init_last`` method; their last
+    norm is ``bn3`` (bottleneck) or ``bn2`` (basic block). Returns how many blocks were set (0 for other models).
+    """
+    n = 0
+    for m in model.modules():
+        if m is model or not callable(getattr(m, "zero_init_last", None)):
+            continue
+        bn = getattr(m, "bn3", None) if isinstance(getattr(m, "bn3", None), nn.Module) else getattr(m, "bn2", None)
+        if getattr(bn, "weight", None) is None:
+            continue
+        with torch.no_grad():
+            bn.weight.fill_(0.0 if zero else 1.0)
+        n += 1
+    return n
+
+
 def is_vit(name: str) -> bool:
     """Whether a timm model name is a transformer that takes an ``img_size`` argument."""
     return any(t in name for t in ("vit", "deit", "eva", "beit", "swin", "cait", "xcit"))
@@ -87,6 +108,7 @@ def build_backbone(
     spatial_dims: int = 2,
     patch_size: int | None = None,
     global_pool: str | None = None,
+    zero_init_last: bool | None = None,
     init_from: str | None = None,
     init_adapt: str = "sum",
     init_inflate: bool = False,
@@ -106,6 +128,9 @@ def build_backbone(
         patch_size: ViT patch side (``None`` = the model's own); ignored by CNNs.
         global_pool: ViT pooling, ``token`` or ``avg`` (mean of the patch tokens after the final norm, built
             with ``fc_norm=False`` so the key layout stays timm's default); ``None`` = the model's own.
+        zero_init_last: start every residual block's last norm at scale 0 (``True``, timm's default) or 1
+            (``False``), see :func:`set_zero_init_last`; ``None`` = as built. Not applied to pretrained weights
+            (ImageNet or ``init_from``).
         init_from: start from these weights (:func:`medssl.nn.init_from.load_init_weights`: a local file,
             ``timm:NAME`` or ``hf-hub:ORG/NAME``), with ``init_adapt`` / ``init_inflate``; ``init_key`` is the config
             key named in its errors.
@@ -119,6 +144,8 @@ def build_backbone(
     model = _build(name, in_chans=in_chans, image_size=image_size, stem=stem, pretrained=pretrained,
                    spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool,
                    dynamic_img_size=dynamic_img_size)
+    if zero_init_last is not None and not pretrained:
+        set_zero_init_last(model, zero_init_last)
     if init_from is not None:
         from medssl.nn.init_from import load_init_weights
 

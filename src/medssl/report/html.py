@@ -42,6 +42,7 @@ img { max-width: 100%; height: auto; } pre { background: #f6f6f6; padding: .6em;
 max-height: 28em; } table { border-collapse: collapse; font-size: .85em; margin-bottom: .8em; }
 td, th { border: 1px solid #ccc; padding: .2em .5em; text-align: right; } th { background: #f0f0f0; }
 td:first-child, th:first-child { text-align: left; } .note { color: #666; font-size: .85em; }
+.warn { color: #b00000; border: 2px solid #b00000; padding: .4em; }
 """
 
 
@@ -99,8 +100,19 @@ def _collapse_section(cols: dict[str, np.ndarray], eval_dirs: Sequence[Path]) ->
     from medssl.report.plots import line_plot
 
     parts = []
+    alarm = cols.get("collapse_alarm") if cols else None
+    if alarm is not None and "step" in cols:
+        fired = [int(st) for st, a in zip(cols["step"], alarm, strict=False) if np.isfinite(a) and a >= 1]
+        if fired:
+            parts.append(f'<p class="warn"><b>COLLAPSE ALARM</b>: the projector embeddings collapsed (effective '
+                         f"rank or std below the train.collapse_alarm_* thresholds for several diagnostics in a row) "
+                         f"at step {fired[0]}" + (f" and {len(fired) - 1} later diagnostic(s)" if len(fired) > 1
+                                                  else "") + ". Likely causes: lr too high for the batch, "
+                         "augmentation too strong for the image size, batch or queue too small.</p>")
     if cols and "step" in cols:
         ranks = {k.removesuffix("_eff_rank"): v for k, v in cols.items() if k.endswith("_eff_rank")}
+        ranks.update({k.removesuffix("_eff_rank_l2") + " (L2-normalised)": v for k, v in cols.items()
+                      if k.endswith("_eff_rank_l2")})
         stds = {k.removesuffix("_std"): v for k, v in cols.items() if k.endswith("_std") and k != "embedding_std"}
         png = line_plot(cols["step"], ranks, title="effective rank of the embeddings", ylabel="effective rank")
         if png:

@@ -48,7 +48,10 @@ class ViewConfig:
         gamma: Range of the exponent of ``x ** gamma`` (drawn log-uniformly), applied after brightness
             and contrast on the clamped image.
         blur_p: Probability of a Gaussian blur.
-        blur_sigma: Range of the blur's standard deviation, in output pixels (drawn uniformly).
+        blur_sigma: Range of the blur's standard deviation, in output pixels (drawn uniformly). ``None`` (the
+            default) = MoCo v2 / SimCLR's ``(0.1, 2.0)`` at 224 px scaled to the output size: ``(0.1, 2.0) × S / 224``
+            with ``S`` the smallest output side (``(0.014, 0.29)`` at 32 px, ``(0.06, 1.14)`` at 128 px), so the
+            blur removes the same share of the image's detail at every size (:func:`relative_blur_sigma`).
         noise_std: Standard deviation of additive Gaussian noise, applied to every view when ``> 0``.
     """
 
@@ -61,7 +64,7 @@ class ViewConfig:
     contrast: float = 0.4
     gamma: tuple[float, float] = (0.7, 1.4)
     blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] | None = None
     noise_std: float = 0.0
 
     def __post_init__(self) -> None:
@@ -73,7 +76,8 @@ class ViewConfig:
         self.crop_scale = _pair(self.crop_scale, "crop_scale", low_gt=0.0)
         self.crop_ratio = _pair(self.crop_ratio, "crop_ratio", low_gt=0.0)
         self.gamma = _pair(self.gamma, "gamma", low_gt=0.0)
-        self.blur_sigma = _pair(self.blur_sigma, "blur_sigma", low_ge=0.0)
+        if self.blur_sigma is not None:
+            self.blur_sigma = _pair(self.blur_sigma, "blur_sigma", low_ge=0.0)
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
         for name in ("flip_p", "intensity_p", "blur_p"):  # probabilities
             check_range(name, getattr(self, name), ge=0, le=1)
@@ -98,6 +102,16 @@ def _pair(value: Sequence[float], name: str, *, low_gt: float | None = None,
     if lo > hi:
         raise FieldError(name, f"must satisfy min <= max, got ({lo:g}, {hi:g})")
     return lo, hi
+
+
+#: the blur range of MoCo v2 / SimCLR, at their 224 px crops
+BLUR_SIGMA_224: tuple[float, float] = (0.1, 2.0)
+
+
+def relative_blur_sigma(out_shape: Sequence[int]) -> tuple[float, float]:
+    """``blur_sigma = None``: :data:`BLUR_SIGMA_224` scaled by the smallest output side / 224."""
+    scale = min(out_shape) / 224.0
+    return BLUR_SIGMA_224[0] * scale, BLUR_SIGMA_224[1] * scale
 
 
 class Views(NamedTuple):
@@ -148,6 +162,7 @@ class ViewSampler:
                 )
             flip_mask[axis % spatial_dims] = True
         self.cfg = cfg
+        self.blur_sigma = cfg.blur_sigma if cfg.blur_sigma is not None else relative_blur_sigma(self.out_shape)
         self.spatial_dims = spatial_dims
         self.flip_mask: tuple[bool, ...] = tuple(flip_mask)
 
@@ -203,9 +218,9 @@ class ViewSampler:
             gamma = torch.where(apply, torch.exp(log_g), 1.0)
             views = adjust_gamma(adjust_contrast(adjust_brightness(views, bright), factor), gamma)
 
-        if cfg.blur_p > 0.0 and cfg.blur_sigma[1] > 0.0:
+        if cfg.blur_p > 0.0 and self.blur_sigma[1] > 0.0:
             apply = u[:, sd + 4] < cfg.blur_p
-            lo, hi = cfg.blur_sigma
+            lo, hi = self.blur_sigma
             sigma = torch.where(apply, lo + (hi - lo) * u[:, sd + 5], 0.0)
             views = gaussian_blur(views, sigma, max_sigma=hi)
 
