@@ -299,6 +299,8 @@ def evaluate(
     splits_file: str | Path | None = None,
     epochs: int | None = None,
     protocol_options: dict[str, Any] | None = None,
+    window: int | None = None,
+    overlap: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate encoders on a labelled dataset at several label fractions and seeds.
 
@@ -309,6 +311,11 @@ def evaluate(
     The train/val/test assignment and every label-fraction subset used are written to ``out/splits.csv``;
     ``splits_file`` (``--splits``) makes the dataset use the splits of such a file (or of a run's
     ``splits.csv``). The run's data settings (intensity, cache) apply when a run is given.
+
+    3D volumes: ``window`` (``--window``, a cube side in voxels, e.g. the run's sub-volume size) makes the encoder
+    see windows sliding over each whole (resampled, ``image_size``) volume, ``overlap`` (default 0.25) apart: the
+    feature protocols average the windows' features (:func:`medssl.eval.sliding.sliding_features`), ``segment``
+    predicts each test volume window by window.
 
     Encoders come from a run directory, an exported ``encoder.safetensors`` / training checkpoint, and/or a
     random initialisation (``init="random"``); several sources in one call give one comparison table.
@@ -331,6 +338,9 @@ def evaluate(
     inits = check_inits([init] if isinstance(init, str) else list(init or []))
     if run is None and checkpoint is None and not inits:
         raise ConfigError("nothing to evaluate: give --run DIR, --checkpoint FILE or --init random")
+    sw = _check_window(entry, window, overlap)
+    if sw is not None and entry.inputs == "images":  # the protocol slides the window itself (segment)
+        protocol_options = {**(protocol_options or {}), **sw}
     options = _protocol_options(entry, epochs, protocol_options, label_fractions, seeds)
     dev = resolve_device(device)
     out = ensure_output_dir(out)
@@ -338,6 +348,8 @@ def evaluate(
     ds = open_from_config(data_config(data, run_cfg, image_size=image_size, task=task, splits=splits_file))
     if ds.labels is None and entry.needs_labels:
         raise ConfigError(f"data {data}: has no labels; evaluation needs a labelled dataset")
+    if sw is not None:  # the data first: a 2D dataset fails here, not on a 3D backbone
+        _check_window_fits(ds, data, sw["window"], int(_eval_splits(ds, data)["test"][0]))
     skipped = _add_inits(encoders, inits, ds, run_cfg, backbone, stem)
     sources = {"run": str(run) if run else None, "checkpoint": str(checkpoint) if checkpoint else None}
     if entry.whole_dataset is not None:  # every image once, no label fractions x seeds (collapse)
@@ -347,9 +359,10 @@ def evaluate(
     splits = _eval_splits(ds, data)
     rows = [row for label, enc in encoders
             for row in _evaluate_encoder(entry, label, enc, ds, splits, list(label_fractions), list(seeds),
-                                         out / "predictions", batch_size, dev, progress, options)]
+                                         out / "predictions", batch_size, dev, progress, options,
+                                         sw if entry.inputs == "features" else None)]
     meta = {"data": data, "task": ds.task, "protocol": protocol, "label_fractions": list(label_fractions),
-            "seeds": list(seeds), "encoders": [e for e, _ in encoders], **sources,
+            "seeds": list(seeds), "encoders": [e for e, _ in encoders], **sources, **(sw or {}),
             "seconds": round(time.perf_counter() - t0, 1)}
     if skipped:
         meta["skipped"] = "; ".join(skipped)
@@ -361,6 +374,38 @@ def _protocol_entry(name: str) -> ProtocolEntry:
     from medssl.eval.registry import protocol_entry
 
     return protocol_entry(name)
+
+
+def _check_window(entry: ProtocolEntry, window: int | None, overlap: float | None) -> dict[str, Any] | None:
+    """``{"window", "overlap"}`` for 3D sliding-window evaluation, or ``None`` without ``window``.
+
+    Raises:
+        ConfigError: ``overlap`` without ``window``, a window side below 2, an overlap outside ``[0, 1)``, or a
+            protocol that evaluates whole images once (``collapse``).
+    """
+    if window is None:
+        if overlap is not None:
+            raise ConfigError("--overlap applies with --window (3D sliding-window evaluation)")
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ConfigError(f"--window must be a window side of at least 2 voxels, got {window!r}")
+    ov = 0.25 if overlap is None else overlap
+    if isinstance(ov, bool) or not isinstance(ov, int | float) or not 0.0 <= float(ov) < 1.0:
+        raise ConfigError(f"--overlap must be in [0, 1), got {overlap!r}")
+    if entry.whole_dataset is not None:
+        raise ConfigError(f"--window does not apply to --protocol {entry.name} (it reads every image whole)")
+    return {"window": int(window), "overlap": float(ov)}
+
+
+def _check_window_fits(ds: Any, data: str, window: int, index: int) -> None:
+    """A sliding window needs 3D volumes (item ``index`` read as the example) at least ``window`` voxels along
+    every axis."""
+    shape = tuple(int(s) for s in ds[index]["image"].shape[1:])
+    if len(shape) != 3:
+        raise ConfigError(f"--window is for 3D volumes; data {data} is 2D")
+    if window > min(shape):
+        raise ConfigError(f"--window {window} is larger than the volumes ({'x'.join(map(str, shape))} voxels; "
+                          "raise --image-size or lower --window)")
 
 
 def _protocol_options(entry: ProtocolEntry, epochs: int | None, protocol_options: dict[str, Any] | None,
@@ -405,11 +450,13 @@ def _eval_splits(ds: Any, data: str) -> dict[str, Any]:
 
 def _evaluate_encoder(entry: ProtocolEntry, label: str, enc: Any, ds: Any, splits: dict[str, Any],
                       fractions: list[float], seeds: list[int], predictions_dir: Path, batch_size: int, dev: Any,
-                      progress: bool, options: dict[str, Any]) -> list[dict[str, Any]]:
+                      progress: bool, options: dict[str, Any],
+                      sliding: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One encoder's rows: the protocol over fractions x seeds on frozen features (``inputs="features"``: a
     :class:`~medssl.eval.protocol.FeatureSet` with class names and patient ids) or on the images
     (``inputs="images"``: an :class:`~medssl.eval.images.ImageTask`). Test labels and scores of every fraction x
-    seed go to ``predictions_dir`` (for ROC / PR curves)."""
+    seed go to ``predictions_dir`` (for ROC / PR curves). ``sliding`` (``window``, ``overlap``): 3D features are
+    the mean over sliding windows."""
     from medssl.eval.protocol import features_from_dataset, run_protocol
 
     enc = enc.to(dev)
@@ -418,7 +465,9 @@ def _evaluate_encoder(entry: ProtocolEntry, label: str, enc: Any, ds: Any, split
 
         task: Any = ImageTask.from_dataset(ds, enc, device=dev, splits=splits)
     else:
-        task = features_from_dataset(enc, ds, batch_size=batch_size, device=dev, splits=splits, progress=progress)
+        sw = {} if sliding is None else {"window": (sliding["window"],) * 3, "overlap": sliding["overlap"]}
+        task = features_from_dataset(enc, ds, batch_size=batch_size, device=dev, splits=splits, progress=progress,
+                                     **sw)
     rows = [{"encoder": label, **row} for row in run_protocol(task, entry.name, fractions, seeds, encoder_name=label,
                                                               predictions_dir=predictions_dir, progress=progress,
                                                               **options)]

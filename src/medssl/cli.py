@@ -114,6 +114,10 @@ def _add_evaluate(sub: Any, data_help: str) -> None:
     ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--out", required=True, help="output directory for results.json / results.md")
     ev.add_argument("--splits", metavar="FILE", help="split manifest (splits.csv of a run or evaluation) to reuse")
+    ev.add_argument("--window", type=_positive_int, metavar="N",
+                    help="3D: slide an N^3 window over each whole volume (e.g. the run's sub-volume size): features "
+                         "are the mean over windows; segment predicts window by window")
+    ev.add_argument("--overlap", type=float, metavar="F", help="sliding-window overlap in [0, 1) (default 0.25)")
     ev.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -180,7 +184,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         a.data, a.out, run=a.run, checkpoint=a.checkpoint, init=a.init, protocol=a.protocol,
         label_fractions=a.label_fractions, seeds=a.seeds, task=a.task, encoder=a.encoder, backbone=a.backbone,
         image_size=a.image_size, batch_size=a.batch_size, device=a.device, splits_file=a.splits, epochs=a.epochs,
-        progress=not a.quiet,
+        progress=not a.quiet, window=a.window, overlap=a.overlap,
     )
     print(res["table"])
     print(f"results written to {Path(a.out) / 'results.json'} and results.md")

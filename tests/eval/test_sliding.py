@@ -76,3 +76,62 @@ def test_3d_segment_protocol_with_a_sliding_window() -> None:
         run_protocol(task, "segment", [1.0], [0], epochs=1, batch_size=4, n_boot=0, window=40)
     with pytest.raises(ConfigError, match="overlap must be in"):
         run_protocol(task, "segment", [1.0], [0], epochs=1, batch_size=4, n_boot=0, window=16, overlap=1.5)
+
+
+def test_3d_features_for_classification_slide_the_window_over_each_volume() -> None:
+    """extract_features(window=...) gives, per volume, the mean of the encoder's features over the windows
+    (written out here window by window), and the plain features where the window covers the volume."""
+    from medssl.eval.features import extract_features
+    from medssl.eval.sliding import window_starts
+
+    torch.manual_seed(0)
+    ds = PhantomDataset("phantom3d", n=3, image_size=24)
+    enc = random_encoder("resnet10_3d", in_chans=1, image_size=16, spatial_dims=3).eval()
+    idx = np.arange(3)
+    got = extract_features(enc, ds, idx, batch_size=2, window=(16, 16, 16), overlap=0.5)
+    starts = window_starts(24, 16, 0.5)
+    assert starts == [0, 8]
+    with torch.no_grad():
+        for i in idx:
+            x = ds[int(i)]["image"][None]
+            crops = [x[..., a:a + 16, b:b + 16, c:c + 16] for a in starts for b in starts for c in starts]
+            expected = torch.stack([enc(c)[0] for c in crops]).mean(0).numpy()
+            np.testing.assert_allclose(got[i], expected, rtol=1e-4, atol=1e-5)
+    whole = extract_features(enc, ds, idx, batch_size=2)
+    np.testing.assert_allclose(extract_features(enc, ds, idx, batch_size=2, window=(24, 24, 24)), whole,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, whole, atol=1e-4)
+
+
+def test_evaluate_window_on_3d_volumes(tmp_path) -> None:
+    from medssl.api import evaluate
+
+    res = evaluate("phantom3d:40", tmp_path / "ev", init="random", backbone="resnet10_3d", image_size=24,
+                   label_fractions=[1.0], seeds=[0], protocol="knn", window=16, overlap=0.5, progress=False)
+    assert len(res["rows"]) == 1 and 0.0 <= res["rows"][0]["metrics"]["auc_macro"] <= 1.0
+    import json
+
+    meta = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert meta["meta"]["window"] == 16 and meta["meta"]["overlap"] == 0.5
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data", "phantom2d:40", "--image-size", "32", "--window", "16"], "--window is for 3D volumes"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--window", "32"], "--window 32 is larger than the volumes"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--window", "1"], "at least 2 voxels"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--overlap", "0.5"], "--overlap applies with --window"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--window", "16", "--overlap", "1"], "[0, 1)"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--window", "16", "--overlap", "nan"], "[0, 1)"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--window", "16", "--protocol", "collapse"],
+     "does not apply to --protocol collapse"),
+    (["--data", "phantom3d:40", "--image-size", "24", "--window", "16", "--protocol", "finetune"],
+     "unknown option(s) ['overlap', 'window']"),
+])
+def test_window_hostile_values_exit_2(argv, needle, tmp_path, capsys) -> None:
+    from medssl.cli import main
+
+    code = main(["evaluate", "--init", "random", "--backbone", "resnet10_3d", "--out", str(tmp_path / "ev"),
+                 "--label-fractions", "1", "--seeds", "0", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err

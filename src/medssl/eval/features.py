@@ -14,12 +14,21 @@ from medssl.engine.logging import TaskProgress
 from medssl.errors import DataError
 
 
-def _embed_batch(encoder: torch.nn.Module, batch: object, device: torch.device) -> np.ndarray:
-    """One batch's ``(B, D)`` features (float32, on the CPU)."""
+def _embed_batch(encoder: torch.nn.Module, batch: object, device: torch.device,
+                 window: tuple[int, ...] | None = None, overlap: float = 0.25) -> np.ndarray:
+    """One batch's ``(B, D)`` features (float32, on the CPU); with ``window``, the mean over sliding windows
+    (:func:`medssl.eval.sliding.sliding_features`)."""
     if not isinstance(batch, dict) or "image" not in batch:
         raise DataError("dataset items must be dicts with an 'image' tensor")
     images = batch["image"].to(device, non_blocking=True)
-    out = encoder(images)
+    if window is not None:
+        from medssl.eval.sliding import sliding_features
+
+        if len(window) != images.ndim - 2:
+            raise DataError(f"a {len(window)}D sliding window cannot cover images of shape {tuple(images.shape[1:])}")
+        out = sliding_features(encoder, images, window, overlap=overlap)
+    else:
+        out = encoder(images)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataError(
@@ -38,6 +47,8 @@ def extract_features(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool | str = False,
+    window: tuple[int, ...] | None = None,
+    overlap: float = 0.25,
 ) -> np.ndarray:
     """Embed ``dataset[indices]`` with a frozen encoder.
 
@@ -55,6 +66,9 @@ def extract_features(
         num_workers: DataLoader worker processes.
         progress: show a progress bar / plain lines (:class:`medssl.engine.logging.TaskProgress`); a string is
             its label (default ``features``).
+        window: 3D: the encoder sees windows of this size sliding over each whole volume and the feature is the
+            mean over windows (:func:`medssl.eval.sliding.sliding_features`); ``None``: the whole image at once.
+        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
 
     Returns:
         ``(len(indices), D)`` float32 array, row ``i`` the feature of ``dataset[indices[i]]``.
@@ -91,7 +105,7 @@ def extract_features(
     try:
         with TaskProgress(label, int(idx.size), enabled=bool(progress), unit="images") as bar:
             for batch in loader:
-                chunks.append(_embed_batch(encoder, batch, device))
+                chunks.append(_embed_batch(encoder, batch, device, window, overlap))
                 bar.advance(chunks[-1].shape[0])
     finally:
         encoder.train(was_training)

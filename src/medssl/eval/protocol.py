@@ -495,6 +495,8 @@ def features_from_dataset(
     num_workers: int = 0,
     splits: dict[str, np.ndarray] | None = None,
     progress: bool = False,
+    window: tuple[int, ...] | None = None,
+    overlap: float = 0.25,
 ) -> FeatureSet:
     """Extract a :class:`FeatureSet` from a medssl dataset's train / val / test splits.
 
@@ -507,6 +509,7 @@ def features_from_dataset(
         num_workers: DataLoader workers.
         splits: ``{"train", "val", "test"}`` -> dataset indices; default ``dataset.indices(split)``.
         progress: a progress display per split (``features train`` ...).
+        window, overlap: 3D sliding-window features (see :func:`medssl.eval.features.extract_features`).
 
     Returns:
         Features, labels, class names and the test items' patient ids; ``val_x`` / ``val_y`` are ``None`` when
@@ -530,7 +533,7 @@ def features_from_dataset(
     def embed(split: str) -> np.ndarray:
         return extract_features(
             encoder, dataset, split_idx[split], batch_size=batch_size, device=device, num_workers=num_workers,
-            progress=f"features {split}" if progress else False,
+            progress=f"features {split}" if progress else False, window=window, overlap=overlap,
         )
 
     has_val = split_idx["val"].size > 0
