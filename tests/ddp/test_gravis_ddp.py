@@ -134,9 +134,13 @@ def test_two_processes_equal_one_process():
         torch.testing.assert_close(results[rank]["step_running_var"], method.backbone.bn1.running_var)
         # control: per-rank BatchNorm statistics give another step (what the test guards against)
         loss, grad = results[rank]["step_local_bn"]
-        assert abs(loss - refs["step"][0]) > 1e-4 or not torch.allclose(grad, refs["step"][1], atol=1e-5)
+        step_loss, step_grad = refs["step"]
+        grad_gap = float((grad - step_grad).abs().max()) / float(step_grad.abs().max())
+        assert abs(loss - step_loss) > 1e-4 or grad_gap > 1e-3
         for key, (ref_loss, ref_grad) in refs.items():
             loss, grad = results[rank][key]
             assert abs(loss - ref_loss) < 1e-5, (rank, key, loss, ref_loss)
-            assert torch.allclose(grad.to(ref_grad.dtype), ref_grad, atol=1e-5), (rank, key)
+            # fp32 sums in another order (gathered vs one batch): agree to rounding, relative to the gradient's size
+            d = float((grad.to(ref_grad.dtype) - ref_grad).abs().max())
+            assert d < 1e-4 * float(ref_grad.abs().max()), (rank, key, d)
             assert grad.abs().sum() > 0

@@ -77,7 +77,9 @@ def test_step_equals_loss_on_k_views_grouped_by_index():
     assert float(out.loss.detach()) < 0.1 < float(wrong)
     assert {"pos_sim", "neg_sim", "embedding_std"} <= set(out.logs)
     assert math.isclose(out.logs["pos_sim"], 1.0, abs_tol=1e-5) and out.logs["neg_sim"] < 1.0
-    assert torch.allclose(out.embeddings["backbone"], h.repeat(3, 1), atol=1e-5)
+    # fp32 BatchNorm statistics over 15 rows vs 5: equal up to rounding relative to the features' size
+    d = float((out.embeddings["backbone"] - h.repeat(3, 1)).abs().max())
+    assert d < 1e-4 * float(h.abs().max()), d
     assert out.embeddings["projector"].shape == (15, 16) and not out.embeddings["projector"].requires_grad
 
 

@@ -46,7 +46,9 @@ def test_whitened_feature_map_channels_are_decorrelated_on_a_fixed_batch():
     with torch.no_grad():
         white = whiten_map(model.whitening, fmap)  # the exported (eval-mode) transform at every position
     before, after = _corr_offdiag(feature_positions(fmap)), _corr_offdiag(feature_positions(white))
-    assert before.mean() > 0.1
+    # a random-init ResNet's map is measurably correlated (0.06 with identity-start blocks, more with timm's
+    # zero-init ones); whitening removes it to rounding
+    assert before.mean() > 0.03
     assert after.max() < 0.02 and after.mean() < 1e-3, (before.mean(), after.mean(), after.max())
 
 
