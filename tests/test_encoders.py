@@ -125,3 +125,27 @@ def test_check_inits():
     with pytest.raises(ConfigError, match="--init foo: file not found"):
         encoders.check_inits(["random", "foo"])
     assert encoders.check_inits(["random", "random"]) == ["random"]
+
+
+def _last_bn_scales(encoder) -> set[float]:
+    """The distinct initial scales of the last BatchNorm of every timm basic block (bn2) of a resnet18."""
+    return {float(v) for name, p in encoder.backbone.named_parameters()
+            if name.endswith("bn2.weight") and "layer" in name for v in p.detach().unique()}
+
+
+@pytest.mark.parametrize(("model_cfg", "zero"), [
+    ({"backbone": "resnet18", "zero_init_last": True}, True),  # a run built with timm's init
+    ({"backbone": "resnet18", "zero_init_last": False}, False),  # a run with the default since issue 20
+    ({"backbone": "resnet18"}, True),  # a run written before the key existed: it was built with timm's init
+    ({}, False),  # no run: ModelConfig's default
+])
+def test_random_baseline_starts_as_the_compared_run_did(model_cfg, zero):
+    from types import SimpleNamespace
+
+    from medssl.config import ModelConfig
+
+    assert ModelConfig().zero_init_last is False  # the "no run" row follows the default
+    ds = SimpleNamespace(in_chans=1, image_size=16, spatial_dims=2)
+    (label, enc), = encoders.init_encoders(["random"], ds, "resnet18", "default", model_cfg)[0]
+    assert label == "random-init"
+    assert _last_bn_scales(enc) == ({0.0} if zero else {1.0})

@@ -392,10 +392,12 @@ def checkpoint_encoders(path: str | Path, which: str | None = None) -> list[Name
 
 def random_encoder(
     model_name: str, *, in_chans: int, image_size: int | None, stem: str = "default", spatial_dims: int = 2,
-    seed: int = 0, patch_size: int | None = None, global_pool: str | None = None,
+    seed: int = 0, patch_size: int | None = None, global_pool: str | None = None, zero_init_last: bool = False,
 ) -> Encoder:
     """A randomly initialised encoder (the ``--init random`` baseline), seeded; ``patch_size`` and
-    ``global_pool`` for ViTs. The global RNG state is left as it was."""
+    ``global_pool`` for ViTs; ``zero_init_last`` as ``model.zero_init_last`` (residual CNNs: the baseline must
+    start as the compared run's network did — the two inits give random features of very different quality,
+    docs/methods/mocov2.md). The global RNG state is left as it was."""
     import torch
 
     from medssl.nn.backbones import Encoder, build_backbone
@@ -403,8 +405,20 @@ def random_encoder(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         backbone = build_backbone(model_name, in_chans=in_chans, image_size=image_size, stem=stem,
-                                  spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool)
+                                  spatial_dims=spatial_dims, patch_size=patch_size, global_pool=global_pool,
+                                  zero_init_last=zero_init_last)
     return Encoder(backbone).eval()
+
+
+def baseline_zero_init_last(model_cfg: dict[str, Any]) -> bool:
+    """``zero_init_last`` of the random baseline compared with a run whose ``model`` section is ``model_cfg``.
+
+    The run's own value when its config.yaml records it; ``True`` (timm's init) for a run written before the key
+    existed, which was built that way; ``ModelConfig``'s default (``False``) when there is no run (``{}``).
+    """
+    if "zero_init_last" in model_cfg:
+        return bool(model_cfg["zero_init_last"])
+    return bool(model_cfg)
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -527,8 +541,9 @@ def init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
                   model_cfg: dict[str, Any]) -> tuple[list[NamedEncoder], list[str]]:
     """The ``random-init`` / ``imagenet-init`` / ``init:<weights>`` baseline encoders for the dataset ``ds`` (its
     channels, size and spatial dims), and a skip message for each one that cannot be built here (ImageNet weights
-    offline, or for a 3D backbone); skips are also logged to stderr. ``model_cfg`` gives ViT ``patch_size`` /
-    ``global_pool`` (and ``init_adapt`` / ``init_inflate`` for weights).
+    offline, or for a 3D backbone); skips are also logged to stderr. ``model_cfg`` (the compared run's ``model``
+    section, ``{}`` without a run) gives ViT ``patch_size`` / ``global_pool``, ``init_adapt`` / ``init_inflate``
+    for weights and the random baseline's ``zero_init_last`` (:func:`baseline_zero_init_last`).
 
     Raises:
         ConfigError: an unknown initialisation or backbone.
@@ -539,7 +554,8 @@ def init_encoders(inits: Sequence[str], ds: Any, backbone: str, stem: str,
                  patch_size=model_cfg.get("patch_size"), global_pool=model_cfg.get("global_pool"))
     for name in check_inits(inits):
         if name == "random":
-            out.append(("random-init", random_encoder(backbone, stem=stem, seed=0, **shape)))
+            out.append(("random-init", random_encoder(backbone, stem=stem, seed=0,
+                                                      zero_init_last=baseline_zero_init_last(model_cfg), **shape)))
             continue
         if name not in INITS:
             out.append((init_label(name), weights_encoder(name, backbone, stem=stem,
