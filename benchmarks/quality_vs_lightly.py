@@ -29,6 +29,11 @@ features of every image (eval mode); on a labelled spec, weighted kNN (cosine, k
 1 / 10 / 100 % of the train split (stratified, at least one image per class, label seeds 0-2), scored by
 accuracy on the test split; with ``--pairs`` (dermoscopy) the ROC AUC of the cosine similarity of each pair.
 
+``--queue Q`` is the number of stored keys in both arms, which is not the same freshness: lightly's memory bank
+takes both views' keys every step (its ``NTXentLoss`` is called twice), 2B per step, medssl's queue B (one key per
+image, MoCo's definition). For equal turnover give medssl ``--set method.queue_size=Q/2`` (docs/benchmarks.md:
+with it, medssl matches the lightly loop on digits in every column).
+
 Results: one JSON line per (arm, seed) appended to ``--out`` (default benchmarks/out/quality_vs_lightly.jsonl),
 then a Markdown table of mean ± std over seeds.
 """
