@@ -31,8 +31,8 @@ accuracy on the test split; with ``--pairs`` (dermoscopy) the ROC AUC of the cos
 
 ``--queue Q`` is the number of stored keys in both arms, which is not the same freshness: lightly's memory bank
 takes both views' keys every step (its ``NTXentLoss`` is called twice), 2B per step, medssl's queue B (one key per
-image, MoCo's definition). For equal turnover give medssl ``--set method.queue_size=Q/2`` (docs/benchmarks.md:
-with it, medssl matches the lightly loop on digits in every column).
+image, MoCo's definition). For equal turnover run the ``medssl`` arm alone with ``--queue Q/2`` (docs/benchmarks.md:
+so run, medssl matches the lightly loop on digits in every column).
 
 Results: one JSON line per (arm, seed) appended to ``--out`` (default benchmarks/out/quality_vs_lightly.jsonl),
 then a Markdown table of mean ± std over seeds.
