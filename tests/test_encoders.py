@@ -149,3 +149,11 @@ def test_random_baseline_starts_as_the_compared_run_did(model_cfg, zero):
     (label, enc), = encoders.init_encoders(["random"], ds, "resnet18", "default", model_cfg)[0]
     assert label == "random-init"
     assert _last_bn_scales(enc) == ({0.0} if zero else {1.0})
+
+
+def test_random_baseline_refuses_an_edited_zero_init_last():
+    from types import SimpleNamespace
+
+    ds = SimpleNamespace(in_chans=1, image_size=16, spatial_dims=2)
+    with pytest.raises(ConfigError, match="model.zero_init_last in the compared run's config: expected true/false"):
+        encoders.init_encoders(["random"], ds, "resnet18", "default", {"backbone": "resnet18", "zero_init_last": 1})

@@ -415,10 +415,16 @@ def baseline_zero_init_last(model_cfg: dict[str, Any]) -> bool:
 
     The run's own value when its config.yaml records it; ``True`` (timm's init) for a run written before the key
     existed, which was built that way; ``ModelConfig``'s default (``False``) when there is no run (``{}``).
+
+    Raises:
+        ConfigError: the recorded value is not true / false (an edited config.yaml).
     """
-    if "zero_init_last" in model_cfg:
-        return bool(model_cfg["zero_init_last"])
-    return bool(model_cfg)
+    if "zero_init_last" not in model_cfg:
+        return bool(model_cfg)
+    value = model_cfg["zero_init_last"]
+    if not isinstance(value, bool):
+        raise ConfigError(f"model.zero_init_last in the compared run's config: expected true/false, got {value!r}")
+    return value
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

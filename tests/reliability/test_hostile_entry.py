@@ -64,6 +64,12 @@ def env(tmp_path_factory) -> dict[str, Path]:
     bad.mkdir()
     (bad / "encoder.safetensors").write_bytes((run / "encoder.safetensors").read_bytes())
     (bad / "config.yaml").write_text("method: [unclosed\n")
+    edited = tmp / "editedrun"  # a finished run whose config.yaml was edited by hand
+    edited.mkdir()
+    (edited / "encoder.safetensors").write_bytes((run / "encoder.safetensors").read_bytes())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["zero_init_last"] = "perhaps"
+    (edited / "config.yaml").write_text(yaml.safe_dump(cfg))
     return paths
 
 
@@ -100,6 +106,9 @@ CASES = [
     # devices
     ("evaluate-cuda-without-gpu", ["evaluate", "--run", "{run}", *EVAL[:-1], "cuda", "--out", "{tmp}/e"],
      "--device cuda: no CUDA GPU", False),
+    ("evaluate-random-baseline-edited-config", ["evaluate", "--run", "{tmp}/editedrun", "--init", "random", *EVAL,
+                                                "--out", "{tmp}/e"],
+     "model.zero_init_last in the compared run's config: expected true/false, got 'perhaps'", False),
     ("evaluate-device-tpu9", ["evaluate", "--run", "{run}", *EVAL[:-1], "tpu9", "--out", "{tmp}/e"],
      "--device tpu9: not a device name", False),
     ("embed-device-meta", ["embed", "--run", "{run}", "--data", DATA, "--device", "meta", "--out", "{tmp}/m"],
